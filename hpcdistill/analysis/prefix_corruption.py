@@ -1,0 +1,171 @@
+"""Seed 000, prefix corruption in SDPO: experiments 1, 2 and 5 from recorded shards.
+
+- Experiment 1: reward of the regenerated attempts s' vs the original s, per problem and overall.
+- Experiment 2: delta-KL = regen KL - standard KL at the same ordinal position t (sequences
+  truncated to the shorter of s and s'), position normalised by that length and binned into
+  deciles; mean per decile within a rollout, then mean +/- stderr over rollouts.
+- Experiment 5: the same curves for the full-vocabulary KL next to the top-k KL.
+
+Everything streams: shards are read one at a time, and only per-rollout decile means are kept.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hpcdistill.record import iter_shards
+
+NUM_DECILES = 10
+
+
+def decile_means(values: np.ndarray, num_bins: int = NUM_DECILES) -> np.ndarray:
+    """Mean of `values [L]` in each of `num_bins` equal slices of normalised position t / L.
+
+    Bins a short sequence leaves empty are NaN (a rollout of 5 tokens has no value in 5 deciles).
+    """
+    length = len(values)
+    out = np.full(num_bins, np.nan)
+    if length == 0:
+        return out
+    bins = np.minimum((np.arange(length) * num_bins) // length, num_bins - 1)
+    sums = np.bincount(bins, weights=values, minlength=num_bins)
+    counts = np.bincount(bins, minlength=num_bins)
+    np.divide(sums, counts, out=out, where=counts > 0)
+    return out
+
+
+def mean_stderr(rows: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, standard error and count over `axis`, ignoring NaN."""
+    rows = np.asarray(rows, dtype=np.float64)
+    count = np.sum(~np.isnan(rows), axis=axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.nanmean(rows, axis=axis) if rows.size else np.full(rows.shape[1 - axis], np.nan)
+        std = np.nanstd(rows, axis=axis, ddof=1) if rows.shape[axis] > 1 else np.full_like(mean, np.nan)
+        stderr = std / np.sqrt(np.maximum(count, 1))
+    return mean, stderr, count
+
+
+@dataclass
+class PrefixCorruption:
+    """What the analysis of one sweep collects (small: per-rollout decile vectors)."""
+
+    rewards: dict[str, dict[str, list[float]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(list)))  # kind -> problem -> rewards
+    delta_topk: list[np.ndarray] = field(default_factory=list)  # per rollout, [10]
+    standard_topk: list[np.ndarray] = field(default_factory=list)
+    regen_topk: list[np.ndarray] = field(default_factory=list)
+    delta_full: list[np.ndarray] = field(default_factory=list)
+    standard_full: list[np.ndarray] = field(default_factory=list)
+    regen_full: list[np.ndarray] = field(default_factory=list)
+    by_step: dict[int, list[np.ndarray]] = field(default_factory=lambda: defaultdict(list))
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+COLUMNS = ["topk_kl", "full_kl"]
+
+
+def collect(paths: list[Path]) -> PrefixCorruption:
+    """Read every shard under `paths` once; pair original and regenerated rollouts."""
+    out = PrefixCorruption()
+    for reader in iter_shards(paths, skipped=out.skipped):
+        pending: dict[tuple, dict] = {}
+        for record in reader.iter_rollouts(columns=COLUMNS):
+            row = record.row
+            out.rewards[row["kind"]][row["problem_id"]].append(float(row["reward"]))
+            key = (reader.attrs.get("run_id"), int(row["step"]), row["problem_id"], int(row["sample_idx"]))
+            side = "regen" if row["kind"] == "regenerated" else "standard" if row["kind"] == "original" else None
+            if side is None:
+                continue
+            pending.setdefault(key, {})[side] = record.tokens
+            pair = pending[key]
+            if "regen" in pair and "standard" in pair:
+                _add_pair(out, key[1], pair["standard"], pair["regen"])
+                del pending[key]
+    return out
+
+
+def _add_pair(out: PrefixCorruption, step: int, standard: dict, regen: dict) -> None:
+    length = min(len(standard["topk_kl"]), len(regen["topk_kl"]))
+    if length == 0:
+        return
+    std_k, reg_k = standard["topk_kl"][:length], regen["topk_kl"][:length]
+    out.standard_topk.append(decile_means(std_k))
+    out.regen_topk.append(decile_means(reg_k))
+    delta = decile_means(reg_k - std_k)
+    out.delta_topk.append(delta)
+    out.by_step[step].append(delta)
+    if "full_kl" in standard and "full_kl" in regen:
+        std_f, reg_f = standard["full_kl"][:length], regen["full_kl"][:length]
+        out.standard_full.append(decile_means(std_f))
+        out.regen_full.append(decile_means(reg_f))
+        out.delta_full.append(decile_means(reg_f - std_f))
+
+
+def reward_rows(result: PrefixCorruption) -> tuple[list[str], list[list[str]]]:
+    """Experiment 1: mean reward (stderr) of s and s' per problem, and overall."""
+    original, regen = result.rewards.get("original", {}), result.rewards.get("regenerated", {})
+    rows = []
+    for problem in sorted(set(original) | set(regen)):
+        rows.append([problem, _fmt(original.get(problem, [])), _fmt(regen.get(problem, [])),
+                     _delta(original.get(problem, []), regen.get(problem, []))])
+    all_o = [r for v in original.values() for r in v]
+    all_r = [r for v in regen.values() for r in v]
+    rows.append(["overall", _fmt(all_o), _fmt(all_r), _delta(all_o, all_r)])
+    return ["problem", "reward s (original)", "reward s' (regenerated)", "delta"], rows
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean, err, _ = mean_stderr(np.array(values)[:, None])
+    err_text = f"{err[0]:.3f}" if np.isfinite(err[0]) else "n/a"
+    return f"{mean[0]:.3f} ± {err_text} (n={len(values)})"
+
+
+def _delta(a: list[float], b: list[float]) -> str:
+    return f"{np.mean(b) - np.mean(a):+.3f}" if a and b else "-"
+
+
+def decile_rows(series: dict[str, list[np.ndarray]]) -> tuple[list[str], list[list[str]]]:
+    """A table with one row per decile and `mean ± stderr` per named series."""
+    headers = ["decile"] + list(series)
+    stats = {name: mean_stderr(np.array(v)) if v else None for name, v in series.items()}
+    rows = []
+    for d in range(NUM_DECILES):
+        row = [f"{d * 10:>3d}-{(d + 1) * 10}%"]
+        for name in series:
+            s = stats[name]
+            row.append("-" if s is None or np.isnan(s[0][d]) else
+                       f"{s[0][d]:+.4f} ± {s[1][d]:.4f}" if np.isfinite(s[1][d]) else f"{s[0][d]:+.4f}")
+        rows.append(row)
+    return headers, rows
+
+
+def plot_deciles(series: dict[str, list[np.ndarray]], path: Path, title: str, ylabel: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    x = np.arange(NUM_DECILES) * 10 + 5
+    for name, rows in series.items():
+        if not rows:
+            continue
+        mean, err, _ = mean_stderr(np.array(rows))
+        ax.plot(x, mean, marker="o", label=name)
+        ax.fill_between(x, mean - np.nan_to_num(err), mean + np.nan_to_num(err), alpha=0.2)
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xlabel("relative position in the response (decile midpoint, %)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,68 @@
+"""`hpcdistill analyze SWEEP_DIR`: tables on the terminal, PNG figures and report.md on disk.
+
+The report holds whatever the sweep's shards support: experiment 1 when regenerated rollouts are
+recorded, experiment 2 when both teachers' KLs are, experiment 5 when full-vocabulary KL is.
+Shards that cannot be read are listed, never averaged in.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from hpcdistill.analysis import prefix_corruption as pc
+from hpcdistill.analysis.tables import format_table, markdown_table
+from hpcdistill.errors import LaunchError
+
+log = logging.getLogger(__name__)
+
+
+def analyze_sweep(sweep_dir: str | Path, *, print_tables: bool = True) -> Path:
+    sweep_dir = Path(sweep_dir).absolute()
+    if not sweep_dir.exists():
+        raise LaunchError(f"{sweep_dir}: no such sweep directory")
+    out_dir = sweep_dir / "analysis"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = pc.collect([sweep_dir])
+    sections: list[str] = [f"# Analysis of `{sweep_dir.name}`\n"]
+
+    def emit(title: str, headers: list[str], rows: list[list[str]]) -> None:
+        sections.append(f"## {title}\n\n{markdown_table(headers, rows)}\n")
+        if print_tables:
+            print(f"\n{title}\n{format_table(headers, rows)}")
+
+    if result.rewards:
+        headers, rows = pc.reward_rows(result)
+        emit("Experiment 1: reward on regeneration (public-test pass rate, mean ± stderr)", headers, rows)
+    if result.delta_topk:
+        series = {"delta-KL top-k (regen - standard)": result.delta_topk}
+        headers, rows = pc.decile_rows(series | {"standard KL": result.standard_topk,
+                                                 "regen KL": result.regen_topk})
+        emit(f"Experiment 2: per-decile delta-KL over {len(result.delta_topk)} rollouts "
+             "(mean ± stderr)", headers, rows)
+        fig = pc.plot_deciles(series, out_dir / "delta_kl_by_decile.png",
+                              "Delta-KL by position (regen - standard teacher)", "delta KL (nats)")
+        sections.append(f"![delta-KL by decile]({fig.name})\n")
+        if print_tables:
+            print(f"figure: {fig}")
+    if result.delta_full:
+        series = {"delta top-k": result.delta_topk[:len(result.delta_full)],
+                  "delta full vocabulary": result.delta_full}
+        headers, rows = pc.decile_rows(series | {"standard full KL": result.standard_full,
+                                                 "regen full KL": result.regen_full})
+        emit("Experiment 5: top-k vs full-vocabulary KL by decile", headers, rows)
+        fig = pc.plot_deciles(series, out_dir / "topk_vs_full_by_decile.png",
+                              "Delta-KL: top-k vs full vocabulary", "delta KL (nats)")
+        sections.append(f"![top-k vs full]({fig.name})\n")
+        if print_tables:
+            print(f"figure: {fig}")
+    if result.skipped:
+        lines = "\n".join(f"- `{path}`: {reason}" for path, reason in result.skipped)
+        sections.append(f"## Skipped shards\n\n{lines}\n")
+        if print_tables:
+            print(f"\n{len(result.skipped)} shard(s) skipped (unreadable or incomplete); see the report")
+    report = out_dir / "report.md"
+    report.write_text("\n".join(sections), encoding="utf-8")
+    if print_tables:
+        print(f"report: {report}")
+    return report

@@ -1,0 +1,218 @@
+"""`hpcdistill ...`: the command line.
+
+A user error (bad spec, bad run directory, unreadable shard) prints one message without a
+traceback and exits with status 2; nothing is written before the spec is fully validated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from hpcdistill.errors import UserError
+
+log = logging.getLogger("hpcdistill.cli")
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    from hpcdistill.analysis.tables import format_table
+
+    return format_table(headers, rows)
+
+
+def _overrides_text(overrides: dict) -> str:
+    return " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in overrides.items()) or "-"
+
+
+def _load(args):
+    from hpcdistill.spec import load_spec
+
+    return load_spec(args.spec, args.set or [])
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_expand(args) -> int:
+    from hpcdistill.spec import expand
+
+    loaded = _load(args)
+    runs = expand(loaded, force=args.force)
+    if args.json:
+        print(json.dumps([{"run_id": r.run_id, "seed": r.seed, "overrides": r.overrides}
+                          for r in runs], indent=2))
+        return 0
+    print(_table(["#", "run_id", "seed", "overrides"],
+                 [[str(i), r.run_id, str(r.seed), _overrides_text(r.overrides)]
+                  for i, r in enumerate(runs)]))
+    print(f"{len(runs)} runs of '{loaded.spec.experiment.name}'")
+    return 0
+
+
+def cmd_render(args) -> int:
+    from hpcdistill.launch.submit import render_script
+
+    loaded = _load(args)
+    for i, script in enumerate(render_script(loaded)):
+        if i:
+            print("\n# ---- next array ----\n")
+        print(script)
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from hpcdistill.launch.paths import SweepPaths
+    from hpcdistill.launch.submit import render_script, submit
+    from hpcdistill.spec import expand
+
+    loaded = _load(args)
+    runs = expand(loaded, force=args.force)
+    spec = loaded.spec
+    executor = args.executor or spec.launch.executor
+    sweep = SweepPaths.for_spec(spec.experiment.output_dir, spec.experiment.name)
+    if args.dry_run:
+        print(_table(["run_id", "seed", "overrides"],
+                     [[r.run_id, str(r.seed), _overrides_text(r.overrides)] for r in runs]))
+        print(f"dry run: {len(runs)} runs would be submitted with the {executor} executor "
+              f"into {sweep.root}")
+        if executor == "slurm":
+            for script in render_script(loaded, runs):
+                print(script)
+        return 0
+    result = submit(loaded, executor=executor, runs=runs, force=args.force, wait=args.wait)
+    print(f"{len(result.submitted)} runs submitted, {len(result.skipped)} skipped "
+          f"(completed or queued) with the {executor} executor")
+    if result.array_ids:
+        print("job array(s): " + ", ".join(result.array_ids))
+    print(f"results: {sweep.root}")
+    if executor != "slurm" or args.wait:
+        _print_status(sweep.root)
+        if not args.no_analyze and executor != "slurm":
+            from hpcdistill.analysis.report import analyze_sweep
+
+            analyze_sweep(sweep.root, print_tables=True)
+    return 0
+
+
+def _print_status(sweep_dir: Path) -> list:
+    from hpcdistill.launch.status import sweep_status
+
+    statuses = sweep_status(sweep_dir)
+    rows = [[s.run_id, _overrides_text(s.overrides), s.state, s.job_id or "-",
+             str(s.shards[-1].relative_to(sweep_dir)) if s.shards else "-"] for s in statuses]
+    print(_table(["run_id", "overrides", "state", "job_id", "shard"], rows))
+    return statuses
+
+
+def cmd_status(args) -> int:
+    from hpcdistill.launch.status import sweep_status
+
+    if args.json:
+        print(json.dumps([{"run_id": s.run_id, "seed": s.seed, "overrides": s.overrides,
+                           "state": s.state, "job_id": s.job_id,
+                           "shards": [str(p) for p in s.shards]} for s in sweep_status(args.run_dir)],
+                         indent=2))
+        return 0
+    statuses = _print_status(Path(args.run_dir).absolute())
+    counts: dict[str, int] = {}
+    for s in statuses:
+        counts[s.state] = counts.get(s.state, 0) + 1
+    print(", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    return 0
+
+
+def cmd_resubmit(args) -> int:
+    from hpcdistill.launch.status import NEEDS_RERUN, sweep_from_dir, sweep_status
+    from hpcdistill.launch.submit import submit
+    from hpcdistill.spec import expand, load_spec
+
+    sweep = sweep_from_dir(args.run_dir)
+    statuses = sweep_status(sweep.root)
+    wanted = {s.run_id for s in statuses if s.state in NEEDS_RERUN} if args.failed else \
+        {s.run_id for s in statuses if s.state != "completed"}
+    if not wanted:
+        print("nothing to resubmit: " + ", ".join(sorted({s.state for s in statuses})))
+        return 0
+    loaded = load_spec(sweep.spec)
+    runs = [r for r in expand(loaded, force=True) if r.run_id in wanted]
+    result = submit(loaded, executor=args.executor, runs=runs, only=wanted, force=True)
+    print(f"{len(result.submitted)} runs resubmitted" +
+          (f" as job array(s) {', '.join(result.array_ids)}" if result.array_ids else ""))
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from hpcdistill.analysis.report import analyze_sweep
+
+    analyze_sweep(Path(args.run_dir), print_tables=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hpcdistill", description=(
+        "Run on-policy distillation and self-distillation studies on Slurm, and analyse the "
+        "per-token shards they write."))
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_spec(p):
+        p.add_argument("spec", help="experiment spec (TOML)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a spec value, validated like the file (repeatable)")
+        return p
+
+    p = with_spec(sub.add_parser("expand", help="the runs a spec expands to"))
+    p.add_argument("--json", action="store_true", help="machine-readable list of runs")
+    p.add_argument("--force", action="store_true", help="allow more than launch.max_runs runs")
+    p.set_defaults(func=cmd_expand)
+
+    p = with_spec(sub.add_parser("render", help="the sbatch script(s) that would be submitted"))
+    p.set_defaults(func=cmd_render)
+
+    p = with_spec(sub.add_parser("submit", help="expand, write the manifest, submit one job array"))
+    p.add_argument("--executor", choices=["slurm", "local", "debug"],
+                   help="overrides launch.executor")
+    p.add_argument("--dry-run", action="store_true", help="show what would be submitted; write nothing")
+    p.add_argument("--force", action="store_true", help="allow more than launch.max_runs runs")
+    p.add_argument("--wait", action="store_true", help="with slurm: wait for the array to finish")
+    p.add_argument("--no-analyze", action="store_true", help="local: skip the analysis at the end")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="table of runs and their states")
+    p.add_argument("run_dir", help="sweep directory: <output_dir>/<experiment.name>")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("resubmit", help="submit again the runs that failed or never ran")
+    p.add_argument("run_dir", help="sweep directory: <output_dir>/<experiment.name>")
+    p.add_argument("--failed", action="store_true",
+                   help="only failed, lost or missing runs (default: every run not completed)")
+    p.add_argument("--executor", choices=["slurm", "local", "debug"])
+    p.set_defaults(func=cmd_resubmit)
+
+    p = sub.add_parser("analyze", help="tables, figures and report.md from a sweep's shards")
+    p.add_argument("run_dir", help="sweep directory: <output_dir>/<experiment.name>")
+    p.set_defaults(func=cmd_analyze)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""Submitting a sweep: run directories, the manifest, and one submitit job array per sweep.
+
+The executors are submitit's (SlurmExecutor, LocalExecutor, DebugExecutor); this module only
+chooses one, fills its parameters from `[launch]`, and records what was submitted. Every task runs
+`hpcdistill.worker.WorkerTask(run_dir)`, which is what `python -m hpcdistill.worker RUN_DIR` runs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+import hpcdistill
+from hpcdistill.errors import LaunchError
+from hpcdistill.launch.container import forward_env_lines, python_command
+from hpcdistill.launch.paths import RunPaths, SweepPaths, read_json, write_atomic, write_json_atomic
+from hpcdistill.spec.load import LoadedSpec
+from hpcdistill.spec.schema import LaunchSpec
+from hpcdistill.spec.sweep import Run, expand
+
+log = logging.getLogger(__name__)
+
+EXECUTORS = ("slurm", "local", "debug")
+
+
+@dataclass
+class Submission:
+    """What one `submit` call did."""
+
+    sweep: SweepPaths
+    runs: list[Run]
+    submitted: list[Run] = field(default_factory=list)
+    skipped: list[Run] = field(default_factory=list)  # completed or already queued
+    array_ids: list[str] = field(default_factory=list)
+    jobs: list[Any] = field(default_factory=list)  # submitit jobs, in the order of `submitted`
+
+
+# ---------------------------------------------------------------------------- versions
+
+
+def git_commit(path: Path | None = None) -> str | None:
+    """The commit of the checkout hpcdistill runs from, when it is one."""
+    where = path or Path(hpcdistill.__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+# ---------------------------------------------------------------------------- slurm parameters
+
+
+def time_minutes(text: str) -> int:
+    """Slurm time formats ("MM", "HH:MM:SS", "D-HH:MM:SS", "MM:SS") -> whole minutes (>= 1)."""
+    days = 0
+    if "-" in text:
+        d, text = text.split("-", 1)
+        days = int(d)
+    parts = [int(p) for p in text.split(":")]
+    if days and len(parts) == 1:
+        h, m, s = parts[0], 0, 0
+    elif len(parts) == 1:
+        h, m, s = 0, parts[0], 0
+    elif len(parts) == 2:
+        h, m, s = (parts[0], parts[1], 0) if days else (0, parts[0], parts[1])
+    else:
+        h, m, s = parts
+    return max(1, days * 1440 + h * 60 + m + (1 if s else 0))
+
+
+def slurm_parameters(launch: LaunchSpec, job_name: str, run_root: Path) -> dict[str, Any]:
+    """The SlurmExecutor parameters for `[launch]` (submitit validates them at this point)."""
+    params: dict[str, Any] = {
+        "job_name": job_name,
+        "time": time_minutes(launch.time),
+        "array_parallelism": launch.array_parallelism,
+        "signal_delay_s": 120,
+        "stderr_to_stdout": True,
+    }
+    for key in ("partition", "account", "qos", "constraint", "cpus_per_task"):
+        if getattr(launch, key) is not None:
+            params[key] = getattr(launch, key)
+    if launch.mem_gb is not None:
+        params["mem"] = f"{int(launch.mem_gb * 1024)}M"
+    total_gpus = launch.gpus.rollout + launch.gpus.teacher + launch.gpus.trainer
+    if total_gpus:
+        params["gpus_per_node"] = total_gpus
+    setup = list(launch.setup)
+    env_names = [*launch.pass_env, *(launch.container.pass_env if launch.container else [])]
+    if launch.container is not None:
+        setup += forward_env_lines(env_names, cleanenv=launch.container.cleanenv)
+    if setup:
+        params["setup"] = setup
+    if launch.slurm_extra:
+        params["additional_parameters"] = dict(launch.slurm_extra)
+    return params
+
+
+def task_python(launch: LaunchSpec, run_root: Path) -> str:
+    binds = [run_root] if launch.container is not None else []
+    return python_command(launch.container, binds=binds, python="python3" if launch.container else
+                          _current_python())
+
+
+def _current_python() -> str:
+    import shlex
+    import sys
+
+    return shlex.quote(sys.executable)
+
+
+def make_executor(kind: str, launch: LaunchSpec, sweep: SweepPaths, job_name: str):
+    if kind not in EXECUTORS:
+        raise LaunchError(f"--executor {kind!r}: allowed: {', '.join(EXECUTORS)}")
+    folder = sweep.logs / "%j"
+    if kind == "slurm":
+        if shutil.which("sbatch") is None:
+            raise LaunchError("executor 'slurm': sbatch is not on PATH; use --executor local, or "
+                              "run on a Slurm login node")
+        executor = submitit.SlurmExecutor(folder=folder, python=task_python(launch, sweep.root))
+        try:
+            executor.update_parameters(**slurm_parameters(launch, job_name, sweep.root))
+        except ValueError as exc:  # submitit lists the allowed parameters
+            raise LaunchError(f"key 'launch.slurm_extra' or '[launch]': {exc}") from None
+        return executor
+    if kind == "local":
+        executor = submitit.LocalExecutor(folder=folder, python=task_python(launch, sweep.root))
+        executor.update_parameters(timeout_min=time_minutes(launch.time))
+        return executor
+    return submitit.DebugExecutor(folder=folder)
+
+
+def max_array_size(launch: LaunchSpec) -> int:
+    """The cluster's MaxArraySize (the largest array has that many tasks, indices 0..N-1)."""
+    if launch.max_array_size is not None:
+        return launch.max_array_size
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        out = ""
+    match = re.search(r"^MaxArraySize\s*=\s*(\d+)", out, re.MULTILINE)
+    return int(match.group(1)) if match else 1001  # Slurm's default
+
+
+def render_script(loaded: LoadedSpec, runs: list[Run] | None = None) -> list[str]:
+    """The sbatch script(s) `submit --executor slurm` would write, one per array."""
+    runs = runs if runs is not None else expand(loaded)
+    spec = loaded.spec
+    sweep = SweepPaths.for_spec(spec.experiment.output_dir, spec.experiment.name)
+    executor = submitit.SlurmExecutor(folder=sweep.logs / "%j", python=task_python(spec.launch, sweep.root))
+    executor.update_parameters(**slurm_parameters(spec.launch, spec.experiment.name, sweep.root))
+    scripts = []
+    for chunk in _chunks(runs, max_array_size(spec.launch) if shutil.which("scontrol") else
+                         (spec.launch.max_array_size or 1001)):
+        executor.parameters["map_count"] = len(chunk)
+        scripts.append(executor._make_submission_file_text(executor._submitit_command_str, "render"))
+    return scripts
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+# ---------------------------------------------------------------------------- manifest
+
+
+def load_manifest(sweep: SweepPaths) -> dict[str, Any]:
+    if not sweep.manifest.exists():
+        return {}
+    try:
+        return read_json(sweep.manifest)
+    except ValueError as exc:
+        raise LaunchError(f"{sweep.manifest}: manifest is not valid JSON ({exc}); "
+                          "it was not written by hpcdistill or was edited by hand") from None
+
+
+def _update_manifest(sweep: SweepPaths, loaded: LoadedSpec, runs: list[Run], entry: dict | None) -> dict:
+    manifest = load_manifest(sweep)
+    manifest.setdefault("created", _now())
+    manifest.update({
+        "name": loaded.spec.experiment.name,
+        "spec_path": str(loaded.path),
+        "spec_text": loaded.text,
+        "spec_hash": loaded.spec_hash,
+        "package_version": hpcdistill.__version__,
+        "git_commit": git_commit(),
+    })
+    known = manifest.setdefault("runs", {})
+    for run in runs:
+        known.setdefault(run.run_id, {"seed": run.seed, "overrides": run.overrides})
+    if entry is not None:
+        manifest.setdefault("submissions", []).append(entry)
+        for array in entry["arrays"]:
+            for task_index, run_id in enumerate(array["run_ids"]):
+                known[run_id]["job_id"] = f"{array['job_id']}_{task_index}" if entry["executor"] == "slurm" \
+                    else array["job_ids"][task_index]
+                known[run_id]["executor"] = entry["executor"]
+    write_json_atomic(sweep.manifest, manifest)
+    return manifest
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------- run directories
+
+
+def prepare_run_dir(sweep: SweepPaths, run: Run, spec_hash: str) -> RunPaths:
+    paths = sweep.run(run.run_id)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    text = run.spec_text()
+    if not paths.spec.exists() or paths.spec.read_text() != text:
+        write_atomic(paths.spec, text)
+    write_json_atomic(paths.run_json, {"run_id": run.run_id, "seed": run.seed,
+                                       "overrides": run.overrides, "sweep_spec_hash": spec_hash})
+    return paths
+
+
+def run_state(paths: RunPaths) -> str:
+    """State recorded by the worker: missing (never started), running, completed, failed, ..."""
+    if not paths.status.exists():
+        return "missing"
+    try:
+        return read_json(paths.status).get("state", "unknown")
+    except (ValueError, OSError):
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------- submit
+
+
+def submit(loaded: LoadedSpec, *, executor: str | None = None, runs: list[Run] | None = None,
+           force: bool = False, wait: bool | None = None, only: set[str] | None = None) -> Submission:
+    """Create run directories, update the manifest and submit the runs that are not done.
+
+    `only`: restrict to these run ids (resubmit). Local and debug executors wait for the runs
+    (the machine is the cluster); slurm returns once the array is queued unless `wait`.
+    """
+    spec = loaded.spec
+    kind = executor or spec.launch.executor
+    runs = runs if runs is not None else expand(loaded, force=force)
+    sweep = SweepPaths.for_spec(spec.experiment.output_dir, spec.experiment.name)
+    result = Submission(sweep=sweep, runs=runs)
+
+    queued = queued_job_ids() if kind == "slurm" else set()
+    manifest = load_manifest(sweep)
+    for run in runs:
+        state = run_state(sweep.run(run.run_id))
+        job_id = manifest.get("runs", {}).get(run.run_id, {}).get("job_id")
+        if only is not None and run.run_id not in only:
+            result.skipped.append(run)
+        elif state == "completed" or (job_id and _base_job(job_id) in queued):
+            result.skipped.append(run)
+        else:
+            result.submitted.append(run)
+    for name in [*spec.launch.pass_env, *(spec.launch.container.pass_env if spec.launch.container else [])]:
+        if name not in os.environ:
+            log.warning("launch.pass_env names %s, which is not set in this environment", name)
+
+    sweep.root.mkdir(parents=True, exist_ok=True)
+    write_atomic(sweep.spec, loaded.text)
+    if not result.submitted:
+        _update_manifest(sweep, loaded, runs, None)
+        return result
+    run_dirs = [str(prepare_run_dir(sweep, run, loaded.spec_hash).root) for run in result.submitted]
+    _update_manifest(sweep, loaded, runs, None)
+
+    from hpcdistill.worker import WorkerTask  # the callable each task runs
+
+    ex = make_executor(kind, spec.launch, sweep, spec.experiment.name)
+    entry: dict[str, Any] = {"time": _now(), "executor": kind, "arrays": []}
+    if kind == "slurm":
+        for chunk_runs, chunk_dirs in zip(_chunks(result.submitted, max_array_size(spec.launch)),
+                                          _chunks(run_dirs, max_array_size(spec.launch))):
+            try:
+                jobs = ex.map_array(WorkerTask(), chunk_dirs)
+            except subprocess.CalledProcessError as exc:
+                raise LaunchError(f"sbatch failed: {exc.output.decode() if exc.output else exc}") from None
+            array_id = jobs[0].job_id.split("_")[0]
+            result.array_ids.append(array_id)
+            result.jobs.extend(jobs)
+            entry["arrays"].append({"job_id": array_id, "run_ids": [r.run_id for r in chunk_runs]})
+        _update_manifest(sweep, loaded, runs, entry)
+        if wait:
+            for job in result.jobs:
+                _wait(job)
+        return result
+
+    # local / debug: this machine is the cluster; run `array_parallelism` tasks at a time.
+    width = 1 if kind == "debug" else spec.launch.array_parallelism
+    for chunk_runs, chunk_dirs in zip(_chunks(result.submitted, width), _chunks(run_dirs, width)):
+        jobs = [ex.submit(WorkerTask(), d) for d in chunk_dirs]
+        entry["arrays"].append({"job_id": jobs[0].job_id, "job_ids": [j.job_id for j in jobs],
+                                "run_ids": [r.run_id for r in chunk_runs]})
+        _update_manifest(sweep, loaded, runs, {**entry, "arrays": [entry["arrays"][-1]]})
+        result.jobs.extend(jobs)
+        if wait is not False:
+            for job in jobs:
+                _wait(job)
+    return result
+
+
+def _wait(job) -> None:
+    try:
+        job.result()
+    except Exception as exc:  # the run's own status.json and log hold the details
+        log.error("job %s failed: %s", job.job_id, str(exc).strip().splitlines()[-1] if str(exc) else exc)
+
+
+def _base_job(job_id: str) -> str:
+    return str(job_id)
+
+
+def queued_job_ids() -> set[str]:
+    """Job ids in squeue (array tasks as ARRAYID_TASK), or empty when squeue is unavailable."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    return {line.strip() for line in out.stdout.splitlines() if line.strip()} if out.returncode == 0 else set()

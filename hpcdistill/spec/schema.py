@@ -1,0 +1,210 @@
+"""The experiment spec: one frozen dataclass per TOML table.
+
+Every key a user may write is a field here, with its default. The loader (`hpcdistill.spec.load`)
+rejects any other key, checks types, choices (`Literal`) and ranges (`field(metadata=...)`), and
+reports every problem of a file at once. Defaults follow the codebase defaults of seed 000
+(lr 1e-6, weight decay 0.01, max grad norm 1.0, top-k 20, temperature 1.0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
+
+
+def rng(*, ge: float | None = None, gt: float | None = None, le: float | None = None,
+        lt: float | None = None, pattern: str | None = None, doc: str = "") -> dict[str, Any]:
+    """Field metadata: the allowed range (or regex) of a value, checked by the loader."""
+    return {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, pattern=pattern, doc=doc).items()
+            if v is not None and v != ""}
+
+
+def opt(default: Any, **bounds: Any) -> Any:
+    return field(default=default, metadata=rng(**bounds))
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    name: str = field(metadata=rng(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$"))
+    seeds: list[int] | None = None  # explicit seeds, or
+    num_seeds: int | None = opt(None, ge=1)  # seeds 0..num_seeds-1 (default: [0])
+    output_dir: str = "runs"  # runs land in <output_dir>/<name>/<run_id>/
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    student: str = BUNDLED_MODEL  # hub id, local directory, or bundled:<name>
+    teacher: str = "same"  # "same" = the student's weights (no second copy), or a model id
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: Literal["code", "math", "sokoban"] = "code"
+    source: str = "bundled"  # bundled | livecodebench | gsm8k | math500 | reasoning_gym | path.jsonl
+    split: str = "test"
+    num_problems: int = opt(10, ge=1)
+    timeout_s: float = opt(6.0, gt=0, doc="sandbox wall-clock limit per test")
+    memory_mb: int = opt(512, ge=16, doc="sandbox address-space limit")
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    backend: Literal["transformers", "vllm"] = "transformers"
+    samples_per_problem: int = opt(8, ge=1)
+    max_new_tokens: int = opt(512, ge=1)
+    temperature: float = opt(1.0, ge=0)
+    top_p: float = opt(1.0, gt=0, le=1)
+    top_k: int = opt(0, ge=0)  # 0 = no top-k truncation while sampling
+    batch_size: int = opt(8, ge=1)
+    system_prompt: str = ""  # the student's system prompt ("" = none)
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    # feedback: teacher sees p + f and scores s (SDPO); regen: teacher sees p + s + f, generates s'
+    # and is scored on s' (seed 000); system_prompt: same model + an enhanced system prompt (seed 004)
+    context: Literal["feedback", "regen", "system_prompt", "none"] = "feedback"
+    system_prompt: str = ""
+    feedback_template: str = (
+        "{problem}\n\nA previous attempt was executed. Feedback:\n{feedback}\n\n"
+        "Write a correct solution."
+    )
+    regen_template: str = (
+        "Your solution was executed. Feedback:\n{feedback}\n\nWrite a corrected solution."
+    )
+    temperature: float = opt(1.0, ge=0)  # sampling settings of the regenerated attempt s'
+    top_p: float = opt(1.0, gt=0, le=1)
+    max_new_tokens: int | None = opt(None, ge=1)  # None = rollout.max_new_tokens
+
+
+@dataclass(frozen=True)
+class ScoringSpec:
+    top_k: int = opt(20, ge=1, le=4096)
+    full_vocab: bool = False  # also full-vocabulary KL and both entropies
+    chunk_size: int = opt(256, ge=1)
+    batch_size: int = opt(4, ge=1)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    enabled: bool = False
+    rank: int = opt(16, ge=1)
+    alpha: float = opt(32.0, gt=0)
+    dropout: float = opt(0.0, ge=0, lt=1)
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    steps: int = opt(0, ge=0)  # 0 = measurement only (rollout, feedback, scoring, record)
+    method: Literal["on_policy", "on_policy_gkd", "hybrid", "extended_on_policy", "teacher_seeded",
+                    "mixture", "replay_buffer", "kl_anchored", "reverse_curriculum"] = "on_policy"
+    objective: Literal["topk_kl", "full_reverse_kl", "full_forward_kl", "jsd", "opd", "exopd",
+                       "context_distill", "sft"] = "topk_kl"
+    lr: float = opt(1e-6, gt=0)
+    weight_decay: float = opt(0.01, ge=0)
+    max_grad_norm: float = opt(1.0, gt=0)
+    beta: float = opt(0.5, ge=0, le=1)  # JSD interpolation
+    exopd_alpha: float = opt(1.0, ge=0)  # ExOPD reward extrapolation coefficient
+    adv_tau: float = 1.0  # seed 004: full_reward = adv_tau*R + teacher_tau*sum(lp_T) - student_tau*sum(lp_S)
+    teacher_tau: float = 1.0
+    student_tau: float = 1.0
+    use_full_reward_baseline: bool = True
+    token_mask_low: float = opt(0.0, ge=0)  # importance-ratio masking bounds
+    token_mask_high: float = opt(10.0, gt=0)
+    checkpoint_every: int = opt(1, ge=1)
+    reset_between_arms: bool = True
+    lora: LoraSpec = field(default_factory=LoraSpec)
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    kind: Literal["full", "first_half", "last_half", "first_fraction", "last_fraction",
+                  "fixed_prefix", "release", "random_release", "std_release"] = "full"
+    fraction: float = opt(0.5, gt=0, le=1)
+    prefix_tokens: int = opt(1024, ge=1)
+    rescale: bool = True  # loss-mass rescale of the kept tokens (seed 002)
+    support_k: int | None = opt(None, ge=2)  # student top-K for the release margin (None = scoring.top_k)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    every: int = opt(0, ge=0)  # 0 = no periodic eval
+    temperatures: list[float] = field(default_factory=lambda: [1.0])
+    samples: int = opt(1, ge=1)
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # cartesian product
+    zip: dict[str, list[Any]] = field(default_factory=dict)  # aligned lists, varied together
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    rollout: int = opt(0, ge=0)
+    teacher: int = opt(0, ge=0)
+    trainer: int = opt(0, ge=0)
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    image: str
+    binds: list[str] = field(default_factory=list)
+    pass_env: list[str] = field(default_factory=list)  # names only; values never written anywhere
+    nv: bool = True
+    cleanenv: bool = True
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    executor: Literal["local", "slurm", "debug"] = "local"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = opt("01:00:00", pattern=r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$")
+    constraint: str | None = None
+    array_parallelism: int = opt(16, ge=1)
+    cpus_per_task: int | None = opt(None, ge=1)
+    mem_gb: float | None = opt(None, gt=0)
+    gpus: GpuSpec = field(default_factory=GpuSpec)
+    container: ContainerSpec | None = None
+    pass_env: list[str] = field(default_factory=list)  # variables a task needs, by name
+    setup: list[str] = field(default_factory=list)  # shell lines before the task (module load ...)
+    max_runs: int = opt(1000, ge=1)
+    max_array_size: int | None = opt(None, ge=1)  # None = ask Slurm (MaxArraySize)
+    slurm_extra: dict[str, Any] = field(default_factory=dict)  # more sbatch options
+
+
+@dataclass(frozen=True)
+class Spec:
+    experiment: ExperimentSpec
+    model: ModelSpec = field(default_factory=ModelSpec)
+    task: TaskSpec = field(default_factory=TaskSpec)
+    rollout: RolloutSpec = field(default_factory=RolloutSpec)
+    teacher: TeacherSpec = field(default_factory=TeacherSpec)
+    scoring: ScoringSpec = field(default_factory=ScoringSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    mask: MaskSpec = field(default_factory=MaskSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    sweep: SweepSpec = field(default_factory=SweepSpec)
+    launch: LaunchSpec = field(default_factory=LaunchSpec)
+
+    @property
+    def seeds(self) -> list[int]:
+        if self.experiment.seeds is not None:
+            return list(self.experiment.seeds)
+        return list(range(self.experiment.num_seeds or 1))
+
+
+# Sections that define what a run computes; the run id hashes these (plus the seed), so the same
+# science under another partition or container is the same run and is not redone.
+SCIENCE_SECTIONS = ("model", "task", "rollout", "teacher", "scoring", "train", "mask", "eval")
