@@ -1,0 +1,96 @@
+"""Release rule speed: the linear-time change point against seed 002's A.11 reference.
+
+Run: python bench/release.py [--seed 0]
+
+For each size the same random margin-like score sequences (a drop after the first third) go
+through both implementations in one process; the table gives the median time per call and the
+ratio reference / ours, and checks that both return the same answer. The reference is quadratic,
+so at 10,000 segments it is timed once (about 20-40 s here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import statistics
+import time
+from typing import Callable, Sequence
+
+from hpcdistill.distill.release import bic_downward_change_point
+
+EPS = 1e-12
+
+
+# --- Reference: seed 002, appendix A.11 (verbatim apart from indentation and the `ref_` prefix).
+def ref_profiled_bic(values: Sequence[float], num_params: int) -> float:
+    n = len(values)
+    if n == 0:
+        raise ValueError("BIC requires at least one value.")
+    mean = sum(values) / n
+    rss = sum((v - mean) ** 2 for v in values)
+    return n * math.log((rss + EPS) / n) + num_params * math.log(n)
+
+
+def ref_bic_downward_change_point(scores: Sequence[float]) -> tuple[int, bool, float]:
+    n = len(scores)
+    if n < 2:
+        return n, False, 0.0
+    bic0 = ref_profiled_bic(scores, num_params=1)
+    best_release_segment = n
+    best_bic = bic0
+    for tau in range(1, n):
+        left = scores[:tau]
+        right = scores[tau:]
+        mean_left = sum(left) / len(left)
+        mean_right = sum(right) / len(right)
+        if mean_right >= mean_left:
+            continue
+        rss_left = sum((v - mean_left) ** 2 for v in left)
+        rss_right = sum((v - mean_right) ** 2 for v in right)
+        rss = rss_left + rss_right
+        bic1 = n * math.log((rss + EPS) / n) + 3 * math.log(n)
+        if bic1 < best_bic:
+            best_bic = bic1
+            best_release_segment = tau
+    accepted = best_release_segment < n
+    return best_release_segment, accepted, max(0.0, bic0 - best_bic)
+
+
+# --- Bench ---
+def margin_scores(n: int, rng: random.Random) -> list[float]:
+    """Segment scores log1p(mean margin) with a downward shift after the first third."""
+    return [math.log1p(rng.expovariate(1.0) * (2.0 if i < n // 3 else 0.7)) for i in range(n)]
+
+
+def time_calls(fn: Callable, inputs: list[list[float]]) -> tuple[float, list]:
+    """Median seconds per call over `inputs`, and the results."""
+    times, results = [], []
+    for scores in inputs:
+        start = time.perf_counter()
+        results.append(fn(scores))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    repeats = {10: 2000, 100: 200, 1000: 5, 10_000: 1}
+
+    print(f"{'segments':>9} {'calls':>6} {'reference (s)':>14} {'ours (s)':>11} {'ratio':>9}  same answer")
+    for n, calls in repeats.items():
+        inputs = [margin_scores(n, rng) for _ in range(calls)]
+        ref_time, ref_results = time_calls(ref_bic_downward_change_point, inputs)
+        our_time, our_results = time_calls(bic_downward_change_point, inputs)
+        same = all(
+            a[0] == b[0] and a[1] == b[1] and abs(a[2] - b[2]) <= 1e-9 * abs(b[2])
+            for a, b in zip(our_results, ref_results)
+        )
+        print(f"{n:>9} {calls:>6} {ref_time:>14.6f} {our_time:>11.6f} {ref_time / our_time:>8.1f}x  {same}")
+
+
+if __name__ == "__main__":
+    main()

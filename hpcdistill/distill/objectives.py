@@ -1,0 +1,338 @@
+"""Training objectives: one function per formula, over flattened response tokens.
+
+Shapes: N = number of response tokens in the batch (rollouts flattened), V = vocabulary size,
+k = top-k size, B = number of rollouts. Every objective returns (loss, metrics): a scalar loss
+with gradient to the student, and a dict of detached 0-d tensors.
+
+Normalisation, the same everywhere: loss = sum_t w_t * l_t / max(sum_t m_t, 1), where l_t is the
+per-token term, w_t the supervision weight from `masks.build_masks` (0 outside the kept span, the
+loss-mass scale inside) and m_t the valid-token mask (`loss_mask`; None means all N tokens are
+response tokens). Dividing by the valid-token count, not by sum(w), keeps the release rule's
+mass-preserving rescale (seed 002 sec. 3) visible in the gradient. Teacher (and reference /
+sampler) inputs are treated as constants: they are detached.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Metrics = dict[str, torch.Tensor]
+
+
+def _valid(weights: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+    """[N] float valid-token mask (loss_mask, or all ones)."""
+    if loss_mask is None:
+        return torch.ones_like(weights, dtype=weights.dtype)
+    return loss_mask.to(weights.dtype)
+
+
+def _weighted_mean(per_token: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """sum(w * valid * x) / max(sum(valid), 1)."""
+    return (weights * valid * per_token).sum() / valid.sum().clamp_min(1.0)
+
+
+def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return ((values * valid).sum() / valid.sum().clamp_min(1.0)).detach()
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) = sum_v p (log p - log q) over the last axis. [..., V] -> [...]."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def topk_kl_loss(
+    student_logits: torch.Tensor,
+    student_topk_ids: torch.Tensor,
+    teacher_topk_lp: torch.Tensor,
+    weights: torch.Tensor,
+    loss_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """SDPO top-k KL(student || teacher) (seed 000, "KL Divergence Computation").
+
+    student_logits: [N, V]; student_topk_ids: [N, k] the student's top-k ids (by its logits);
+    teacher_topk_lp: [N, k] teacher log-probs (or logits) at those ids; weights: [N].
+    Both sides are renormalised with log_softmax over the k-slice, then
+    KL = sum_k p_s (log p_s - log p_t) per token.
+    """
+    student_lp = F.log_softmax(student_logits.gather(-1, student_topk_ids), dim=-1)  # [N, k]
+    teacher_lp = F.log_softmax(teacher_topk_lp.detach().to(student_lp.dtype), dim=-1)  # [N, k]
+    kl = _kl(student_lp, teacher_lp)  # [N]
+    valid = _valid(weights, loss_mask)
+    loss = _weighted_mean(kl, weights, valid)
+    return loss, {"loss": loss.detach(), "topk_kl": _masked_mean(kl, valid)}
+
+
+def full_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    weights: torch.Tensor,
+    direction: str = "reverse",
+    loss_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Full-vocabulary KL on the same positions (DESIGN.md sec. 3; seed 004 sec. 3.7).
+
+    student_logits, teacher_logits: [N, V]; weights: [N].
+    direction="reverse": KL(student || teacher) (mode-seeking, the on-policy default);
+    direction="forward": KL(teacher || student) (mode-covering).
+    """
+    student_lp = F.log_softmax(student_logits, dim=-1)
+    teacher_lp = F.log_softmax(teacher_logits.detach().to(student_lp.dtype), dim=-1)
+    if direction == "reverse":
+        kl = _kl(student_lp, teacher_lp)
+    elif direction == "forward":
+        kl = _kl(teacher_lp, student_lp)
+    else:
+        raise ValueError(f"direction must be 'reverse' or 'forward', got {direction!r}")
+    valid = _valid(weights, loss_mask)
+    loss = _weighted_mean(kl, weights, valid)
+    return loss, {"loss": loss.detach(), f"{direction}_kl": _masked_mean(kl, valid)}
+
+
+def jsd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    weights: torch.Tensor,
+    beta: float = 0.5,
+    loss_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Generalised JSD of GKD (Agarwal et al. 2024, eq. 1), with TRL's convention for beta.
+
+    student_logits, teacher_logits: [N, V]; weights: [N]. With M = beta p_T + (1 - beta) p_S:
+      0 < beta < 1:  JSD_beta = beta KL(p_T || M) + (1 - beta) KL(p_S || M)
+      beta = 0:      KL(p_T || p_S)   (forward KL)
+      beta = 1:      KL(p_S || p_T)   (reverse KL)
+    As in TRL's GKDTrainer the endpoints are defined as the KLs: the interior formula itself tends
+    to 0 at both ends, so JSD_beta is not continuous in beta at 0 and 1.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    student_lp = F.log_softmax(student_logits, dim=-1)
+    teacher_lp = F.log_softmax(teacher_logits.detach().to(student_lp.dtype), dim=-1)
+    if beta == 0.0:
+        jsd = _kl(teacher_lp, student_lp)
+    elif beta == 1.0:
+        jsd = _kl(student_lp, teacher_lp)
+    else:
+        beta_t = torch.tensor(beta, dtype=student_lp.dtype, device=student_lp.device)
+        mixture_lp = torch.logsumexp(torch.stack([teacher_lp + beta_t.log(), student_lp + (1 - beta_t).log()]), dim=0)
+        jsd = beta * _kl(teacher_lp, mixture_lp) + (1 - beta) * _kl(student_lp, mixture_lp)
+    valid = _valid(weights, loss_mask)
+    loss = _weighted_mean(jsd, weights, valid)
+    return loss, {"loss": loss.detach(), "jsd": _masked_mean(jsd, valid)}
+
+
+def _policy_gradient(
+    student_lp: torch.Tensor,
+    advantages: torch.Tensor,
+    weights: torch.Tensor,
+    sampler_lp: torch.Tensor | None,
+    valid: torch.Tensor,
+) -> torch.Tensor:
+    """-sum w A ratio / n_valid with ratio = exp(lp - sampler_lp) (or -A lp when on-policy)."""
+    if sampler_lp is None:
+        surrogate = advantages * student_lp  # gradient A * grad log p
+    else:
+        surrogate = advantages * torch.exp(student_lp - sampler_lp.detach())  # importance sampling
+    return -_weighted_mean(surrogate, weights, valid)
+
+
+def opd_advantage_loss(
+    student_lp: torch.Tensor,
+    teacher_lp: torch.Tensor,
+    weights: torch.Tensor,
+    sampler_lp: torch.Tensor | None = None,
+    loss_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """OPD advantage objective (seed 002 sec. 3): A_t = log p_T(y_t) - log p_S(y_t), detached.
+
+    student_lp: [N] student log-prob of each sampled token (with grad); teacher_lp: [N]; weights: [N];
+    sampler_lp: [N] log-probs of the sampling engine, or None when the student sampled on-policy.
+    Loss = -sum_t w_t A_t rho_t / n_valid, rho_t = exp(lp_t - sampler_lp_t) (grad rho A grad lp),
+    or -sum_t w_t A_t lp_t without a sampler (REINFORCE). With rescaled release weights this is
+    seed 002's reweighted advantage w_t A_t.
+    """
+    advantages = (teacher_lp.detach() - student_lp.detach()).to(student_lp.dtype)
+    valid = _valid(weights, loss_mask)
+    loss = _policy_gradient(student_lp, advantages, weights, sampler_lp, valid)
+    mean = _masked_mean(advantages, valid)
+    std = _masked_mean((advantages - mean) ** 2, valid).sqrt()
+    return loss, {
+        "loss": loss.detach(),
+        "advantage_mean": mean,
+        "advantage_std": std,  # the dispersion diagnostic of seed 002 sec. 3
+        "teacher_kl": -mean,  # sampled-token estimate of KL(student || teacher)
+    }
+
+
+def exopd_advantage_loss(
+    student_lp: torch.Tensor,
+    teacher_lp: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    alpha: float,
+    reference_lp: torch.Tensor | None = None,
+    sampler_lp: torch.Tensor | None = None,
+    loss_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """ExOPD, the reward-extrapolation baseline of seed 002 (Table 1; Yang et al. 2026, G-OPD).
+
+    Seed 002 only names it ("ExOPD uses reward extrapolation ... modifies the OPD objective").
+    G-OPD maximises E[alpha log(pi_T / pi_ref) - KL(pi_theta || pi_ref)]; per sampled token
+        A_t = alpha (log p_T - log p_ref) - (log p_S - log p_ref),
+    alpha = 1 is plain OPD, alpha > 1 extrapolates (ExOPD). reference_lp: [N] log-probs of the
+    reference model (e.g. the initial student); None takes the current student, which gives
+    A_t = alpha (log p_T - log p_S). Loss and shapes as in `opd_advantage_loss`.
+    """
+    current = student_lp.detach()
+    reference = current if reference_lp is None else reference_lp.detach().to(current.dtype)
+    advantages = alpha * (teacher_lp.detach().to(current.dtype) - reference) - (current - reference)
+    valid = _valid(weights, loss_mask)
+    loss = _policy_gradient(student_lp, advantages, weights, sampler_lp, valid)
+    return loss, {"loss": loss.detach(), "advantage_mean": _masked_mean(advantages, valid)}
+
+
+def sequence_full_reward_advantages(
+    task_reward: torch.Tensor,
+    teacher_lp: torch.Tensor,
+    inference_lp: torch.Tensor,
+    seq_index: torch.Tensor,
+    group_index: torch.Tensor,
+    *,
+    adv_tau: float,
+    teacher_tau: float,
+    student_tau: float,
+    loss_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seed 004 sec. 4.2: full reward per sequence, centred within its problem group.
+
+    task_reward: [B]; teacher_lp, inference_lp: [N]; seq_index: [N] rollout of each token;
+    group_index: [B] problem group of each rollout. Returns (full_reward [B], advantage [B]) with
+    full_reward_i = adv_tau r_i + teacher_tau sum_t lp_T - student_tau sum_t lp_inference
+    (sums over valid tokens) and advantage_i = full_reward_i - mean of its group.
+    """
+    valid = _valid(teacher_lp, loss_mask)
+    num_seqs = task_reward.shape[0]
+    per_token = (teacher_tau * teacher_lp - student_tau * inference_lp) * valid
+    full_reward = adv_tau * task_reward + torch.zeros(num_seqs, dtype=per_token.dtype).index_add(
+        0, seq_index, per_token
+    )
+    return full_reward, full_reward - _group_mean(full_reward, group_index)
+
+
+def _group_mean(values: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
+    """[B] -> [B]: the mean of each entry's group."""
+    _, inverse = torch.unique(group_index, return_inverse=True)
+    sums = torch.zeros(int(inverse.max()) + 1, dtype=values.dtype).index_add(0, inverse, values)
+    counts = torch.zeros_like(sums).index_add(0, inverse, torch.ones_like(values))
+    return (sums / counts)[inverse]
+
+
+def context_distill_loss(
+    student_lp: torch.Tensor,
+    inference_lp: torch.Tensor,
+    teacher_lp: torch.Tensor,
+    task_reward: torch.Tensor,
+    seq_index: torch.Tensor,
+    group_index: torch.Tensor,
+    *,
+    adv_tau: float = 0.0,
+    teacher_tau: float = 1.0,
+    student_tau: float = 1.0,
+    use_full_reward_baseline: bool = True,
+    token_mask_low: float = 0.125,
+    token_mask_high: float = 8.0,
+    weights: torch.Tensor | None = None,
+    loss_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Sequence-reward context distillation, as reviewed in seed 004 sec. 4 (prime-rl's loss).
+
+    student_lp: [N] trainer log-probs of the sampled tokens (with grad); inference_lp: [N] the
+    sampler's; teacher_lp: [N] the teacher's (same model, enhanced context); task_reward: [B];
+    seq_index: [N] rollout of each token; group_index: [B] problem of each rollout; weights: [N]
+    optional supervision weights (default 1).
+
+    use_full_reward_baseline=True (sec. 4.2): one advantage per sequence,
+        A_i = full_reward_i - mean_group(full_reward), full_reward as in
+        `sequence_full_reward_advantages`;
+    False (sec. 4.5): per token, A_t = adv_tau (r_i - mean_group r) + teacher_tau lp_T,t
+        - student_tau lp_S,t (trainer log-prob, detached).
+    ratio_t = exp(lp_S,t - lp_inference,t); tokens with ratio outside [token_mask_low,
+    token_mask_high] are masked (sec. 6.2.6); loss = -sum_{kept t} w_t (ratio_t A_t) lp_S,t / n_valid
+    with ratio_t A_t detached (sec. 4.2: "coeff.detach() * trainer_logprobs").
+    Metrics: is_masked (fraction of valid tokens masked), geo_seq_ratio (per sequence
+    exp(mean_t log ratio_t), averaged over sequences), teacher_kl (mean over valid tokens of
+    lp_S - lp_T, the sampled KL(student || teacher) estimate; prime-rl logs the opposite sign).
+    """
+    valid = _valid(student_lp, loss_mask)
+    weights = torch.ones_like(student_lp) if weights is None else weights.to(student_lp.dtype)
+    current = student_lp.detach()
+    teacher_lp = teacher_lp.detach().to(current.dtype)
+    inference_lp = inference_lp.detach().to(current.dtype)
+    task_reward = task_reward.detach().to(current.dtype)
+
+    if use_full_reward_baseline:
+        _, seq_advantage = sequence_full_reward_advantages(
+            task_reward, teacher_lp, inference_lp, seq_index, group_index,
+            adv_tau=adv_tau, teacher_tau=teacher_tau, student_tau=student_tau, loss_mask=loss_mask,
+        )  # fmt: skip
+        advantages = seq_advantage[seq_index]  # [N], constant within a sequence
+    else:
+        task_advantage = task_reward - _group_mean(task_reward, group_index)
+        advantages = adv_tau * task_advantage[seq_index] + teacher_tau * teacher_lp - student_tau * current
+
+    log_ratio = current - inference_lp
+    ratio = log_ratio.exp()
+    is_masked = (ratio < token_mask_low) | (ratio > token_mask_high)
+    keep = valid * (~is_masked).to(valid.dtype)
+    coeff = (ratio * advantages).detach()
+    loss = -(weights * keep * coeff * student_lp).sum() / valid.sum().clamp_min(1.0)
+
+    num_seqs = task_reward.shape[0]
+    seq_tokens = torch.zeros(num_seqs, dtype=valid.dtype).index_add(0, seq_index, valid)
+    seq_log_ratio = torch.zeros(num_seqs, dtype=valid.dtype).index_add(0, seq_index, log_ratio * valid)
+    geo_seq_ratio = (seq_log_ratio / seq_tokens.clamp_min(1.0)).exp()
+    return loss, {
+        "loss": loss.detach(),
+        "is_masked": _masked_mean(is_masked.to(valid.dtype), valid),
+        "geo_seq_ratio": geo_seq_ratio.mean().detach(),
+        "teacher_kl": _masked_mean(current - teacher_lp, valid),
+        "advantage_mean": _masked_mean(advantages, valid),
+    }
+
+
+def sft_loss(
+    student_logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    weights: torch.Tensor,
+    loss_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Off-policy distillation / SFT on teacher completions: weighted token NLL (DESIGN.md sec. 3).
+
+    student_logits: [N, V] at the positions predicting target_ids: [N] (the teacher's tokens).
+    """
+    log_probs = F.log_softmax(student_logits, dim=-1)
+    nll = -log_probs.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)  # [N]
+    valid = _valid(weights, loss_mask)
+    loss = _weighted_mean(nll, weights, valid)
+    accuracy = (student_logits.argmax(-1) == target_ids).to(valid.dtype)
+    return loss, {
+        "loss": loss.detach(),
+        "nll": _masked_mean(nll, valid),
+        "token_accuracy": _masked_mean(accuracy, valid),
+    }
+
+
+def kl_to_reference_loss(
+    student_logits: torch.Tensor,
+    reference_logits: torch.Tensor,
+    weights: torch.Tensor,
+    loss_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """KL(current student || initial student) on the same tokens: the anchor of kl_anchored (seed 003).
+
+    student_logits: [N, V] of the model being trained; reference_logits: [N, V] of the frozen
+    initial student on the same prefixes; weights: [N]. Full-vocabulary reverse KL.
+    """
+    loss, metrics = full_kl_loss(student_logits, reference_logits, weights, "reverse", loss_mask)
+    return loss, {"loss": metrics["loss"], "reference_kl": metrics["reverse_kl"]}
