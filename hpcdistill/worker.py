@@ -78,6 +78,10 @@ def run(run_dir: str | Path) -> dict:
         try:
             spec = load_spec(paths.spec).spec
             roles = assign_roles(spec.launch.gpus, os.environ)
+            names = [*spec.launch.pass_env, *(spec.launch.container.pass_env if spec.launch.container else [])]
+            # Which named variables reached the task (names and presence only, never values).
+            _set_status(paths, roles={r: list(getattr(roles, r)) for r in ("rollout", "teacher", "trainer")},
+                        env_passed={name: name in os.environ for name in names})
             from hpcdistill.train.loop import run_pipeline
 
             summary = run_pipeline(spec, paths, roles)

@@ -179,7 +179,7 @@ def test_shipped_configs_all_validate():
     configs = sorted((REPO / "configs").rglob("*.toml"))
     assert configs
     for path in configs:
-        if path.name == "base.toml":
+        if path.name.endswith(".part.toml"):
             continue
         runs = expand(load_spec(path), force=True)
         assert runs, path

@@ -120,6 +120,9 @@ class TrainSpec:
     token_mask_low: float = opt(0.0, ge=0)  # importance-ratio masking bounds
     token_mask_high: float = opt(10.0, gt=0)
     checkpoint_every: int = opt(1, ge=1)
+    # Problems per step drawn (seeded by step) from the task's problems; None = all of them every
+    # step (seed 000 trains and evaluates on the same fixed problems).
+    problems_per_step: int | None = opt(None, ge=1)
     reset_between_arms: bool = True
     lora: LoraSpec = field(default_factory=LoraSpec)
 
@@ -136,9 +139,12 @@ class MaskSpec:
 
 @dataclass(frozen=True)
 class EvalSpec:
-    every: int = opt(0, ge=0)  # 0 = no periodic eval
+    every: int = opt(0, ge=0)  # 0 = no periodic eval; else at step 0, every k steps and the last
     temperatures: list[float] = field(default_factory=lambda: [1.0])
     samples: int = opt(1, ge=1)
+    split: str | None = None  # None = the training problems (seed 000); else this split of the task
+    num_problems: int | None = opt(None, ge=1)  # None = task.num_problems
+    max_new_tokens: int | None = opt(None, ge=1)  # None = rollout.max_new_tokens
 
 
 @dataclass(frozen=True)

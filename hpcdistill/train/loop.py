@@ -19,19 +19,20 @@ import torch
 
 import hpcdistill
 from hpcdistill.distill import contexts
-from hpcdistill.errors import SpecError
 from hpcdistill.launch.gpus import RoleDevices
 from hpcdistill.launch.paths import RunPaths
 from hpcdistill.models.chat import render_prompt
 from hpcdistill.models.generation import generate
-from hpcdistill.models.loading import ModelHandle, load_model
+from hpcdistill.models.loading import ModelHandle, load_model, tiny_random_model
 from hpcdistill.models.scoring import TokenScores, score_rollouts
 from hpcdistill.record import ShardWriter
 from hpcdistill.spec.load import content_hash, dump_toml, spec_to_dict
-from hpcdistill.spec.schema import Spec
+from hpcdistill.spec.schema import BUNDLED_MODEL, Spec
 from hpcdistill.tasks import Problem, Verdict, get_task
 
 log = logging.getLogger(__name__)
+
+TINY_PREFIX = "tiny-random:"
 
 
 @dataclass
@@ -46,13 +47,22 @@ def resolve_device(spec: Spec, roles: RoleDevices) -> str:
     return "cuda" if (torch.cuda.is_available() and not roles.on_cpu) else "cpu"
 
 
+def _load(model_id: str, spec: Spec, device: str) -> ModelHandle:
+    if model_id.startswith(TINY_PREFIX):
+        # A randomly initialised small Llama with the bundled tokenizer: for tests of the launch
+        # path that need a real model but not a good one. "tiny-random:<seed>".
+        bundled = load_model(BUNDLED_MODEL, dtype="float32", device="cpu")
+        seed = int(model_id[len(TINY_PREFIX):] or 0)
+        return tiny_random_model(seed=seed, tokenizer=bundled.tokenizer)
+    return load_model(model_id, dtype=spec.model.dtype, device=device)
+
+
 def load_models(spec: Spec, roles: RoleDevices) -> Models:
     device = resolve_device(spec, roles)
-    student = load_model(spec.model.student, dtype=spec.model.dtype, device=device)
-    if spec.model.teacher == "same":
+    student = _load(spec.model.student, spec, device)
+    if spec.model.teacher in ("same", spec.model.student):
         return Models(student, student)
-    teacher = load_model(spec.model.teacher, dtype=spec.model.dtype, device=device)
-    return Models(student, teacher)
+    return Models(student, _load(spec.model.teacher, spec, device))
 
 
 def step_seed(seed: int, step: int, stream: int) -> int:
@@ -78,28 +88,57 @@ def shard_attrs(spec: Spec, paths: RunPaths, models: Models, step: int) -> dict[
     }
 
 
-def _tokens(scores: TokenScores, ids: np.ndarray, sampler_lp: np.ndarray | None) -> dict[str, np.ndarray]:
-    n = len(scores.student_lp)
-    out = {
-        "ids": np.asarray(ids[:n], dtype=np.int32),
-        "student_lp": scores.student_lp,
-        "teacher_lp": scores.teacher_lp,
-        "student_topk_ids": scores.student_topk_ids,
-        "student_topk_lp": scores.student_topk_lp,
-        "teacher_at_student_topk_lp": scores.teacher_at_student_topk_lp,
-        "topk_kl": scores.topk_kl,
-    }
-    for name in ("full_kl", "entropy_s", "entropy_t"):
-        value = getattr(scores, name, None)
-        if value is not None:
-            out[name] = value
-    if sampler_lp is not None:
-        out["sampler_lp"] = np.asarray(sampler_lp[:n], dtype=np.float32)
-    return out
+@dataclass
+class Item:
+    """One recorded rollout of a step: what the shard stores, plus what training needs."""
+
+    problem: Problem
+    sample_idx: int
+    kind: str  # original | regenerated
+    student_seq: tuple[list[int], list[int]]  # (prompt_ids, response_ids) the student is scored on
+    teacher_seq: tuple[list[int], list[int]]  # (prompt_ids, response_ids) the teacher is scored on
+    generation: Any  # hpcdistill.models.generation.Generation of the recorded response
+    text: str
+    verdict: Verdict
+    scores: TokenScores
+
+    def row(self, seed: int, step: int) -> dict[str, Any]:
+        return {
+            "problem_id": self.problem.problem_id,
+            "sample_idx": self.sample_idx,
+            "step": step,
+            "kind": self.kind,
+            "reward": float(self.verdict.reward),
+            "seed": seed,
+            "weight_version": step,
+            "response_text": self.text,
+            "feedback": self.verdict.feedback,
+        }
+
+    def tokens(self) -> dict[str, np.ndarray]:
+        s = self.scores
+        n = len(s.student_lp)
+        out = {
+            "ids": np.asarray(self.generation.response_ids[:n], dtype=np.int32),
+            "student_lp": s.student_lp,
+            "teacher_lp": s.teacher_lp,
+            "student_topk_ids": s.student_topk_ids,
+            "student_topk_lp": s.student_topk_lp,
+            "teacher_at_student_topk_lp": s.teacher_at_student_topk_lp,
+            "topk_kl": s.topk_kl,
+            "entropy_s": s.entropy_s,
+            "entropy_t": s.entropy_t,
+        }
+        if s.full_kl is not None:
+            out["full_kl"] = s.full_kl
+        if self.kind == "original":
+            out["sampler_lp"] = np.asarray(self.generation.sampler_lp[:n], dtype=np.float32)
+        return out
 
 
-def measure_step(spec: Spec, models: Models, problems: list[Problem], step: int, writer) -> dict[str, float]:
-    """Rollout, feedback, teacher context, scoring and record for one step; returns metrics."""
+def collect_step(spec: Spec, models: Models, problems: list[Problem], step: int
+                 ) -> tuple[list[Item], dict[str, float]]:
+    """Rollout, feedback, teacher context and scoring for one step (stages 1-4)."""
     seed = spec.seeds[0]
     task = get_task(spec.task.name)
     tok = models.student.tokenizer
@@ -116,36 +155,38 @@ def measure_step(spec: Spec, models: Models, problems: list[Problem], step: int,
     flat = [(p, i, g) for p, gens in zip(problems, generations) for i, g in enumerate(gens)]
     texts = [tok.decode(g.response_ids, skip_special_tokens=True) for _, _, g in flat]
 
-    # 2. feedback: the task's verifier.
+    # 2. feedback: the task's verifier (sandboxed execution for code).
     verdicts = [task.verify(p, text, timeout_s=spec.task.timeout_s, memory_mb=spec.task.memory_mb)
                 for (p, _, _), text in zip(flat, texts)]
 
     # 3. teacher context, 4. scoring: student on (p, s_<t), teacher on its context + s_<t.
-    student_seqs = [(g.prompt_ids, list(g.response_ids)) for _, _, g in flat]
+    student_seqs = [(list(g.prompt_ids), [int(t) for t in g.response_ids]) for _, _, g in flat]
     teacher_seqs = [(render_prompt(tok, contexts.teacher_messages(p, text, v, tc, ro.system_prompt)),
-                     list(g.response_ids)) for (p, _, g), text, v in zip(flat, texts, verdicts)]
+                     s[1]) for (p, _, _), text, v, s in zip(flat, texts, verdicts, student_seqs)]
+    t0 = time.monotonic()
     scores = score_rollouts(models.student, models.teacher, student_seqs, teacher_seqs,
                             top_k=sc.top_k, full_vocab=sc.full_vocab, chunk_size=sc.chunk_size,
                             batch_size=sc.batch_size)
-
-    # 5. record.
-    for (p, i, g), text, v, s in zip(flat, texts, verdicts, scores):
-        writer.append(_row(p, i, step, "original", v, seed, step, prompts[problems.index(p)], text, g),
-                      _tokens(s, g.response_ids, getattr(g, "sampler_lp", None)))
+    scoring_s = time.monotonic() - t0
+    items = [Item(p, i, "original", ss, ts, g, text, v, s) for (p, i, g), ss, ts, text, v, s
+             in zip(flat, student_seqs, teacher_seqs, texts, verdicts, scores)]
     metrics = {
         "reward_mean": float(np.mean([v.reward for v in verdicts])),
         "topk_kl_mean": _token_mean([s.topk_kl for s in scores]),
         "response_tokens": float(sum(len(g.response_ids) for _, _, g in flat)),
         "truncation_rate": float(np.mean([g.finish_reason == "length" for _, _, g in flat])),
         "rollout_seconds": rollout_s,
+        "scoring_seconds": scoring_s,
     }
-
     if tc.context == "regen":
-        metrics.update(_regenerate(spec, models, flat, texts, verdicts, step, writer))
-    return metrics
+        regen_items, regen_metrics = _regenerate(spec, models, items, step)
+        items += regen_items
+        metrics.update(regen_metrics)
+    return items, metrics
 
 
-def _regenerate(spec: Spec, models: Models, flat, texts, verdicts, step: int, writer) -> dict[str, float]:
+def _regenerate(spec: Spec, models: Models, originals: list[Item], step: int
+                ) -> tuple[list[Item], dict[str, float]]:
     """SDPO with regeneration (seed 000): the teacher sees p + s + f, writes s', is scored on s'.
 
     One s' per original rollout s. The student side is the same as for s: its top-k at (p, s_<t);
@@ -154,44 +195,36 @@ def _regenerate(spec: Spec, models: Models, flat, texts, verdicts, step: int, wr
     task = get_task(spec.task.name)
     tok = models.student.tokenizer
     ro, tc, sc, seed = spec.rollout, spec.teacher, spec.scoring, spec.seeds[0]
-    regen_prompts = [render_prompt(tok, contexts.regen_messages(p, text, v, tc))
-                     for (p, _, _), text, v in zip(flat, texts, verdicts)]
+    regen_prompts = [render_prompt(tok, contexts.regen_messages(o.problem, o.text, o.verdict, tc))
+                     for o in originals]
     regens = generate(models.teacher, regen_prompts, n=1,
                       max_new_tokens=tc.max_new_tokens or ro.max_new_tokens,
                       temperature=tc.temperature, top_p=tc.top_p, top_k=ro.top_k,
                       seed=step_seed(seed, step, 1), batch_size=ro.batch_size)
     regens = [r[0] for r in regens]
-    regen_texts = [tok.decode(r.response_ids, skip_special_tokens=True) for r in regens]
-    regen_verdicts = [task.verify(p, text, timeout_s=spec.task.timeout_s, memory_mb=spec.task.memory_mb)
-                      for (p, _, _), text in zip(flat, regen_texts)]
-    student_seqs = [(g.prompt_ids, list(g.response_ids)) for _, _, g in flat]
-    teacher_seqs = [(rp, list(r.response_ids)) for rp, r in zip(regen_prompts, regens)]
-    scores = score_rollouts(models.student, models.teacher, student_seqs, teacher_seqs,
-                            top_k=sc.top_k, full_vocab=sc.full_vocab, chunk_size=sc.chunk_size,
-                            batch_size=sc.batch_size)
-    for (p, i, _), rp, r, text, v, s in zip(flat, regen_prompts, regens, regen_texts, regen_verdicts, scores):
-        writer.append(_row(p, i, step, "regenerated", v, seed, step, rp, text, r),
-                      _tokens(s, r.response_ids, None))
-    return {
-        "regen_reward_mean": float(np.mean([v.reward for v in regen_verdicts])),
+    texts = [tok.decode(r.response_ids, skip_special_tokens=True) for r in regens]
+    verdicts = [task.verify(o.problem, text, timeout_s=spec.task.timeout_s,
+                            memory_mb=spec.task.memory_mb) for o, text in zip(originals, texts)]
+    teacher_seqs = [(rp, [int(t) for t in r.response_ids]) for rp, r in zip(regen_prompts, regens)]
+    scores = score_rollouts(models.student, models.teacher, [o.student_seq for o in originals],
+                            teacher_seqs, top_k=sc.top_k, full_vocab=sc.full_vocab,
+                            chunk_size=sc.chunk_size, batch_size=sc.batch_size)
+    items = [Item(o.problem, o.sample_idx, "regenerated", o.student_seq, ts, r, text, v, s)
+             for o, ts, r, text, v, s in zip(originals, teacher_seqs, regens, texts, verdicts, scores)]
+    return items, {
+        "regen_reward_mean": float(np.mean([v.reward for v in verdicts])),
         "regen_topk_kl_mean": _token_mean([s.topk_kl for s in scores]),
     }
 
 
-def _row(problem: Problem, sample_idx: int, step: int, kind: str, verdict: Verdict, seed: int,
-         weight_version: int, prompt_ids, text: str, generation) -> dict[str, Any]:
-    return {
-        "problem_id": problem.problem_id,
-        "sample_idx": sample_idx,
-        "step": step,
-        "kind": kind,
-        "reward": float(verdict.reward),
-        "seed": seed,
-        "weight_version": weight_version,
-        "response_text": text,
-        "feedback": verdict.feedback,
-        "finish_reason": generation.finish_reason,
-    }
+def write_items(writer, items: list[Item], seed: int, step: int,
+                masks: dict[int, np.ndarray] | None = None) -> None:
+    """Stage 5: one shard row per item; `masks[i]` (supervision weights) joins item i's tokens."""
+    for index, item in enumerate(items):
+        tokens = item.tokens()
+        if masks is not None and index in masks:
+            tokens["mask"] = np.asarray(masks[index], dtype=np.float32)
+        writer.append(item.row(seed, step), tokens)
 
 
 def _token_mean(arrays: list[np.ndarray]) -> float:
@@ -208,6 +241,14 @@ def load_problems(spec: Spec) -> list[Problem]:
                               num_problems=spec.task.num_problems, seed=0)
 
 
+def load_eval_problems(spec: Spec, train_problems: list[Problem]) -> list[Problem]:
+    if spec.eval.split is None:
+        return train_problems[:spec.eval.num_problems or len(train_problems)]
+    task = get_task(spec.task.name)
+    return task.load_problems(source=spec.task.source, split=spec.eval.split,
+                              num_problems=spec.eval.num_problems or spec.task.num_problems, seed=0)
+
+
 def run_pipeline(spec: Spec, paths: RunPaths, roles: RoleDevices) -> dict[str, Any]:
     """Run every step of one run whose shard is not yet written; returns a small summary."""
     if spec.train.steps > 0:
@@ -222,10 +263,11 @@ def run_pipeline(spec: Spec, paths: RunPaths, roles: RoleDevices) -> dict[str, A
     models = load_models(spec, roles)
     paths.shards.mkdir(parents=True, exist_ok=True)
     with ShardWriter(shard, attrs=shard_attrs(spec, paths, models, 0), top_k=spec.scoring.top_k) as writer:
-        metrics = measure_step(spec, models, problems, 0, writer)
+        items, metrics = collect_step(spec, models, problems, 0)
+        write_items(writer, items, spec.seeds[0], 0)
         writer.add_metrics(0, metrics)
     log.info("step 0: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return {"steps_done": 1, "metrics": metrics}
 
 
-__all__ = ["run_pipeline", "measure_step", "load_models", "load_problems", "SpecError"]
+__all__ = ["run_pipeline", "collect_step", "write_items", "load_models", "load_problems", "Item"]

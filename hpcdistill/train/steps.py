@@ -1,0 +1,284 @@
+"""The training loop (DESIGN.md section 2, stages 6-7), one screen per concern.
+
+For step = 0 .. train.steps:
+    collect   rollout -> feedback -> teacher context -> scoring at the current weights w_step
+    mask      supervision weights per token (`[mask]`)
+    update    objective -> backward -> clip -> AdamW       (not after the last step)
+    record    the step's shard, written atomically; then the checkpoint of w_{step+1}
+
+So shard k holds the rollouts and KLs measured at weights w_k (seed 000 experiment 3 measures
+after every step), and the update they drove. Order on disk: shard k first, then the checkpoint
+after step k. A task killed between the two redoes step k on resume; sampling is seeded by
+(seed, step), so it rewrites the same shard: no step is missing or duplicated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from hpcdistill.distill import objectives
+from hpcdistill.distill.masks import build_masks
+from hpcdistill.distill.segments import sentence_segments
+from hpcdistill.launch.gpus import RoleDevices
+from hpcdistill.launch.paths import RunPaths, read_json, write_json_atomic
+from hpcdistill.models.scoring import response_hidden, _project
+from hpcdistill.record import ShardWriter
+from hpcdistill.spec.schema import Spec
+from hpcdistill.tasks import Problem
+from hpcdistill.train.loop import (Item, Models, collect_step, load_eval_problems, load_models, load_problems,
+                                   shard_attrs, step_seed, write_items)
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+def weights_checksum(model: torch.nn.Module) -> str:
+    """sha256 over every parameter's bytes, in name order: equal checksums = identical weights."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(param.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def apply_lora(spec: Spec, models: Models) -> None:
+    """Wrap the student in a peft LoRA adapter (the teacher "same" shares the wrapped model)."""
+    lora = spec.train.lora
+    if not lora.enabled:
+        return
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    shared = models.teacher is models.student
+    models.student.model = get_peft_model(models.student.model, config)
+    if shared:
+        models.teacher = models.student
+
+
+def save_checkpoint(paths: RunPaths, step: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer) -> None:
+    """Trainer state after `step`, written to a temporary folder and renamed into place."""
+    tmp = paths.root / f".checkpoint.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save({"model": trainable, "optimizer": optimizer.state_dict()}, tmp / "state.pt")
+    write_json_atomic(tmp / "meta.json", {"step": step})
+    old = paths.root / f".checkpoint.old-{os.getpid()}"
+    if paths.checkpoint.exists():
+        os.replace(paths.checkpoint, old)
+    os.replace(tmp, paths.checkpoint)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(paths: RunPaths, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Restore the trainer state; returns the last completed step, or -1 without a checkpoint."""
+    meta = paths.checkpoint / "meta.json"
+    if not meta.exists():
+        return -1
+    state = torch.load(paths.checkpoint / "state.pt", map_location="cpu", weights_only=True)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["model"].items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    optimizer.load_state_dict(state["optimizer"])
+    return int(read_json(meta)["step"])
+
+
+# ---------------------------------------------------------------------------- one update
+
+
+def supervision_masks(spec: Spec, items: list[Item], tokenizer, step: int) -> list[np.ndarray]:
+    """Stage 6: per-token weights of each item (`[mask]`), with the release diagnostics logged."""
+    lengths = [len(it.scores.student_lp) for it in items]
+    kind = spec.mask.kind
+    segments = advantages = teacher_lp = None
+    if kind in ("release", "random_release", "std_release"):
+        ids = [it.student_seq[1][:n] for it, n in zip(items, lengths)]
+        segments = [sentence_segments([tokenizer.decode([t]) for t in seq]) for seq in ids]
+        teacher_lp = [it.scores.teacher_at_student_topk_lp for it in items]
+        advantages = [it.scores.teacher_lp - it.scores.student_lp for it in items]
+    results = build_masks(kind, lengths, fraction=spec.mask.fraction, prefix_tokens=spec.mask.prefix_tokens,
+                          rescale=spec.mask.rescale, teacher_lp_at_student_topk=teacher_lp,
+                          segments=segments, advantages=advantages,
+                          support_k=spec.mask.support_k or spec.scoring.top_k,
+                          seed=spec.seeds[0] * 100_003 + step)
+    return [r.weights for r in results]
+
+
+def _student_logits(models: Models, items: list[Item], grad: bool) -> list[torch.Tensor]:
+    """Student logits [T_i, V] at each item's response positions (with grad when training)."""
+    handle = models.student
+    lengths = [len(it.scores.student_lp) for it in items]
+    with torch.set_grad_enabled(grad):
+        hidden = response_hidden(handle, [it.student_seq for it in items], lengths)
+        logits = _project(handle.model, hidden).float()
+    return list(torch.split(logits, lengths))
+
+
+def _teacher_logits(models: Models, items: list[Item]) -> list[torch.Tensor]:
+    handle = models.teacher
+    lengths = [len(it.scores.student_lp) for it in items]
+    with torch.no_grad():
+        hidden = response_hidden(handle, [it.teacher_seq for it in items], lengths)
+        logits = _project(handle.model, hidden).float()
+    return list(torch.split(logits, lengths))
+
+
+def objective_loss(spec: Spec, models: Models, items: list[Item], weights: list[np.ndarray]
+                   ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Stage 7: the loss of `train.objective` over the batch (one graph for the whole batch)."""
+    train = spec.train
+    device = models.student.device
+    w = torch.as_tensor(np.concatenate(weights), dtype=torch.float32, device=device)  # [N]
+    name = train.objective
+    logits = _student_logits(models, items, grad=True)
+    student_logits = torch.cat(logits)  # [N, V]
+    if name == "topk_kl":
+        ids = torch.as_tensor(np.concatenate([it.scores.student_topk_ids for it in items]),
+                              dtype=torch.long, device=device)
+        teacher = torch.as_tensor(np.concatenate([it.scores.teacher_at_student_topk_lp for it in items]),
+                                  device=device)
+        return _metrics(*objectives.topk_kl_loss(student_logits, ids, teacher, w))
+    if name in ("full_reverse_kl", "full_forward_kl", "jsd"):
+        teacher_logits = torch.cat(_teacher_logits(models, items))
+        if name == "jsd":
+            return _metrics(*objectives.jsd_loss(student_logits, teacher_logits, w, beta=train.beta))
+        direction = "reverse" if name == "full_reverse_kl" else "forward"
+        return _metrics(*objectives.full_kl_loss(student_logits, teacher_logits, w, direction=direction))
+    ids = torch.as_tensor(np.concatenate([it.student_seq[1][:len(it.scores.student_lp)] for it in items]),
+                          dtype=torch.long, device=device)
+    student_lp = torch.log_softmax(student_logits, -1).gather(-1, ids[:, None])[:, 0]  # [N]
+    teacher_lp = torch.as_tensor(np.concatenate([it.scores.teacher_lp for it in items]), device=device)
+    sampler_lp = torch.as_tensor(np.concatenate(
+        [it.generation.sampler_lp[:len(it.scores.student_lp)] for it in items]), device=device)
+    if name == "opd":
+        return _metrics(*objectives.opd_advantage_loss(student_lp, teacher_lp, w, sampler_lp=sampler_lp))
+    if name == "exopd":
+        return _metrics(*objectives.exopd_advantage_loss(student_lp, teacher_lp, w, alpha=train.exopd_alpha,
+                                                         sampler_lp=sampler_lp))
+    if name == "context_distill":
+        seq_index = torch.as_tensor(np.concatenate(
+            [np.full(len(it.scores.student_lp), i) for i, it in enumerate(items)]), device=device)
+        problem_ids = sorted({it.problem.problem_id for it in items})
+        group_index = torch.as_tensor([problem_ids.index(it.problem.problem_id) for it in items], device=device)
+        reward = torch.as_tensor([it.verdict.reward for it in items], dtype=torch.float32, device=device)
+        return _metrics(*objectives.context_distill_loss(
+            student_lp, sampler_lp, teacher_lp, reward, seq_index, group_index,
+            adv_tau=train.adv_tau, teacher_tau=train.teacher_tau, student_tau=train.student_tau,
+            use_full_reward_baseline=train.use_full_reward_baseline,
+            token_mask_low=train.token_mask_low, token_mask_high=train.token_mask_high, weights=w))
+    raise NotImplementedError(f"train.objective = {name!r} needs off-policy teacher completions, "
+                              "which the on-policy loop does not produce")
+
+
+def _metrics(loss: torch.Tensor, named: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    return loss, {f"train/{k}": float(v) for k, v in named.items()}
+
+
+def update(spec: Spec, models: Models, optimizer: torch.optim.Optimizer, items: list[Item],
+           weights: list[np.ndarray]) -> dict[str, float]:
+    """objective -> backward -> clip -> AdamW step, on the original (on-policy) rollouts."""
+    model = models.student.model
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss, metrics = objective_loss(spec, models, items, weights)
+    loss.backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.train.max_grad_norm)
+    optimizer.step()
+    model.eval()
+    metrics.update({"train/grad_norm": float(grad_norm), "train/lr": spec.train.lr,
+                    "train/supervised_tokens": float(sum(float((w > 0).sum()) for w in weights))})
+    return metrics
+
+
+# ---------------------------------------------------------------------------- eval
+
+
+def evaluate(spec: Spec, models: Models, problems: list[Problem], step: int) -> dict[str, float]:
+    """Stage 8: accuracy of the student alone (no teacher context) at each eval temperature."""
+    from hpcdistill.distill import contexts
+    from hpcdistill.models.chat import render_prompt
+    from hpcdistill.models.generation import generate
+    from hpcdistill.tasks import get_task
+
+    task = get_task(spec.task.name)
+    tok = models.student.tokenizer
+    prompts = [render_prompt(tok, contexts.student_messages(p, spec.rollout.system_prompt)) for p in problems]
+    metrics = {}
+    for index, temperature in enumerate(spec.eval.temperatures):
+        gens = generate(models.student, prompts, n=spec.eval.samples,
+                        max_new_tokens=spec.eval.max_new_tokens or spec.rollout.max_new_tokens,
+                        temperature=temperature, top_p=spec.rollout.top_p, top_k=spec.rollout.top_k,
+                        seed=step_seed(spec.seeds[0], step, 100 + index), batch_size=spec.rollout.batch_size)
+        verdicts = [task.verify(p, tok.decode(g.response_ids, skip_special_tokens=True),
+                                timeout_s=spec.task.timeout_s, memory_mb=spec.task.memory_mb)
+                    for p, samples in zip(problems, gens) for g in samples]
+        metrics[f"eval/reward@{temperature:g}"] = float(np.mean([v.reward for v in verdicts]))
+        metrics[f"eval/passed@{temperature:g}"] = float(np.mean([v.passed for v in verdicts]))
+    return metrics
+
+
+def eval_due(spec: Spec, step: int) -> bool:
+    every = spec.eval.every
+    return every > 0 and (step % every == 0 or step == spec.train.steps)
+
+
+def step_problems(spec: Spec, problems: list[Problem], step: int) -> list[Problem]:
+    """The problems of one step: all, or `train.problems_per_step` drawn without replacement."""
+    count = spec.train.problems_per_step
+    if count is None or count >= len(problems):
+        return problems
+    rng = np.random.default_rng(step_seed(spec.seeds[0], step, 7))
+    return [problems[i] for i in sorted(rng.choice(len(problems), size=count, replace=False))]
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def run_training(spec: Spec, paths: RunPaths, roles: RoleDevices) -> dict[str, Any]:
+    problems = load_problems(spec)
+    eval_problems = load_eval_problems(spec, problems)
+    models = load_models(spec, roles)
+    torch.manual_seed(spec.seeds[0])
+    initial_checksum = weights_checksum(models.student.model)  # ablation arms start identical
+    apply_lora(spec, models)
+    model = models.student.model
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.train.lr,
+                                  weight_decay=spec.train.weight_decay)
+    last_done = load_checkpoint(paths, model, optimizer)
+    if last_done >= 0:
+        log.info("resuming after step %d from %s", last_done, paths.checkpoint)
+    paths.shards.mkdir(parents=True, exist_ok=True)
+    seed, steps = spec.seeds[0], spec.train.steps
+    for step in range(last_done + 1, steps + 1):
+        t0 = time.monotonic()
+        attrs = shard_attrs(spec, paths, models, step) | {"initial_weights_sha256": initial_checksum}
+        with ShardWriter(paths.shard(step), attrs=attrs, top_k=spec.scoring.top_k) as writer:
+            items, metrics = collect_step(spec, models, step_problems(spec, problems, step), step)
+            if eval_due(spec, step):
+                metrics |= evaluate(spec, models, eval_problems, step)
+            originals = [i for i, it in enumerate(items) if it.kind == "original"]
+            weights = supervision_masks(spec, [items[i] for i in originals], models.student.tokenizer, step)
+            if step < steps:
+                metrics |= update(spec, models, optimizer, [items[i] for i in originals], weights)
+            write_items(writer, items, seed, step, masks=dict(zip(originals, weights)))
+            metrics["step_seconds"] = time.monotonic() - t0
+            writer.add_metrics(step, metrics)
+        if step < steps and (step + 1) % spec.train.checkpoint_every == 0 or step == steps - 1:
+            save_checkpoint(paths, step, model, optimizer)
+        log.info("step %d/%d: %s", step, steps, ", ".join(
+            f"{k}={v:.4g}" for k, v in metrics.items() if not k.endswith("seconds")))
+    return {"steps_done": steps + 1, "initial_weights_sha256": initial_checksum}
