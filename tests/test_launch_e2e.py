@@ -186,7 +186,7 @@ def _slurm_ready() -> bool:
     if shutil.which("sinfo") is None:
         return False
     out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
-    return out.returncode == 0 and "idle" in out.stdout or "mix" in out.stdout or "alloc" in out.stdout
+    return out.returncode == 0 and any(state in out.stdout for state in ("idle", "mix", "alloc"))
 
 
 @pytest.fixture(scope="module")

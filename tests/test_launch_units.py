@@ -74,7 +74,32 @@ container = {{ image = "hpcdistill.sif", binds = ["/scratch"], pass_env = ["WAND
                  "#SBATCH --gpus-per-node=4", "#SBATCH --signal=USR2@120"]:
         assert line in text, line
     assert "apptainer exec --nv --cleanenv --bind /scratch --bind" in text
-    assert "hpcdistill.sif python3 -u -m submitit.core._submit" in text
-    assert 'export APPTAINERENV_WANDB_API_KEY="${WANDB_API_KEY}"' in text
+    assert "hpcdistill.sif python3" in text and "-u -m submitit.core._submit" in text
+    assert "WANDB_API_KEY HF_TOKEN" in text  # forwarded by name
     assert PLANTED not in "".join(scripts)
     assert not (tmp_path / "runs").exists()
+
+
+def test_cleanenv_container_gets_slurm_submitit_and_named_variables_by_name(tmp_path):
+    """Run the generated wrapper with an `apptainer` on PATH that records its argv and env."""
+    import os
+    import subprocess
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "apptainer").write_text('#!/bin/sh\necho "ARGV $*"\nenv | grep ^APPTAINERENV_ | sort\n')
+    (fake / "apptainer").chmod(0o755)
+    spec = ContainerSpec(image="img.sif", binds=["/scratch"], pass_env=["WANDB_API_KEY", "UNSET_NAME"])
+    from hpcdistill.launch.container import python_command
+
+    command = python_command(spec, binds=["/runs"], python="python3") + " -u -m submitit.core._submit /logs"
+    env = {"PATH": f"{fake}:{os.environ['PATH']}", "WANDB_API_KEY": PLANTED, "SLURM_JOB_ID": "42",
+           "SUBMITIT_EXECUTOR": "slurm", "CUDA_VISIBLE_DEVICES": "0,1", "OTHER": "x"}
+    out = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, check=True).stdout
+    assert ("ARGV exec --nv --cleanenv --bind /scratch --bind /runs img.sif python3 -u -m "
+            "submitit.core._submit /logs") in out
+    assert f"APPTAINERENV_WANDB_API_KEY={PLANTED}" in out  # the value travels in the environment
+    assert "APPTAINERENV_SLURM_JOB_ID=42" in out and "APPTAINERENV_SUBMITIT_EXECUTOR=slurm" in out
+    assert "APPTAINERENV_CUDA_VISIBLE_DEVICES=0,1" in out
+    assert "UNSET_NAME" not in out and "OTHER" not in out
+    assert PLANTED not in command  # but never in the command or script

@@ -62,6 +62,10 @@ class PrefixCorruption:
     standard_full: list[np.ndarray] = field(default_factory=list)
     regen_full: list[np.ndarray] = field(default_factory=list)
     by_step: dict[int, list[np.ndarray]] = field(default_factory=lambda: defaultdict(list))
+    # (run_id, step, problem) -> rewards of the original rollouts (experiment 4)
+    step_rewards: dict[tuple[str, int, str], list[float]] = field(default_factory=lambda: defaultdict(list))
+    # run_id -> metric name -> (steps, values), merged over the run's shards
+    metrics: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -72,10 +76,17 @@ def collect(paths: list[Path]) -> PrefixCorruption:
     """Read every shard under `paths` once; pair original and regenerated rollouts."""
     out = PrefixCorruption()
     for reader in iter_shards(paths, skipped=out.skipped):
+        run_id = str(reader.attrs.get("run_id"))
+        run_metrics = out.metrics.setdefault(run_id, {})
+        for name, (steps, values) in reader.metrics().items():
+            old_steps, old_values = run_metrics.get(name, (np.array([]), np.array([])))
+            run_metrics[name] = (np.concatenate([old_steps, steps]), np.concatenate([old_values, values]))
         pending: dict[tuple, dict] = {}
         for record in reader.iter_rollouts(columns=COLUMNS):
             row = record.row
             out.rewards[row["kind"]][row["problem_id"]].append(float(row["reward"]))
+            if row["kind"] == "original":
+                out.step_rewards[(run_id, int(row["step"]), row["problem_id"])].append(float(row["reward"]))
             key = (reader.attrs.get("run_id"), int(row["step"]), row["problem_id"], int(row["sample_idx"]))
             side = "regen" if row["kind"] == "regenerated" else "standard" if row["kind"] == "original" else None
             if side is None:

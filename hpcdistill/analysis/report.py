@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from hpcdistill.analysis import prefix_corruption as pc
+from hpcdistill.analysis import teachability, training
 from hpcdistill.analysis.tables import format_table, markdown_table
 from hpcdistill.errors import LaunchError
 
@@ -56,6 +57,34 @@ def analyze_sweep(sweep_dir: str | Path, *, print_tables: bool = True) -> Path:
         sections.append(f"![top-k vs full]({fig.name})\n")
         if print_tables:
             print(f"figure: {fig}")
+    steps = {step for (_, step, _) in result.step_rewards}
+    arms = training.run_arms(sweep_dir)
+    if len(result.by_step) > 1:
+        headers, rows = training.convergence_rows(result)
+        emit("Experiment 3: delta-KL per decile over training steps (mean ± stderr)", headers, rows)
+        fig = training.plot_convergence(result, out_dir / "delta_kl_convergence.png")
+        sections.append(f"![convergence]({fig.name})\n")
+        if print_tables:
+            print(f"figure: {fig}")
+    if len(steps) > 1:
+        headers, rows = training.reward_delta_rows(result.step_rewards, arms)
+        emit("Reward delta per arm (last step - step 0; experiment 4)", headers, rows)
+        headers, rows = training.final_eval_rows(result.metrics, arms)
+        if len(headers) > 1:
+            emit("Final eval per arm (mean ± stderr over runs)", headers, rows)
+        teach = teachability.collect([sweep_dir])
+        if teach.advantage:
+            headers, rows = teachability.bin_rows(teach.advantage, normalise=True)
+            emit("Teachability: sampled-token advantage over 20 position bins", headers, rows)
+            headers, rows = teachability.bin_rows(teach.margin, normalise=False)
+            emit("Teachability: teacher top-1/top-2 margin in the student's top-K", headers, rows)
+            headers, rows = teachability.release_rows(teach)
+            if rows:
+                emit("Release rule diagnostics (accepted releases: pre vs post change)", headers, rows)
+            for fig in teachability.plot(teach, out_dir):
+                sections.append(f"![{fig.stem}]({fig.name})\n")
+                if print_tables:
+                    print(f"figure: {fig}")
     if result.skipped:
         lines = "\n".join(f"- `{path}`: {reason}" for path, reason in result.skipped)
         sections.append(f"## Skipped shards\n\n{lines}\n")

@@ -11,6 +11,7 @@ Layout:
             status.json                      state (running / completed / failed), times, error
             shards/step_000000.h5            one HDF5 shard per step, written atomically
             checkpoint/                      trainer state at the last completed step
+            model/                           the final student (train.save_model), loadable by id
             worker.log                       the worker's log
 """
 
@@ -78,6 +79,11 @@ class RunPaths:
     @property
     def checkpoint(self) -> Path:
         return self.root / "checkpoint"
+
+    @property
+    def model(self) -> Path:
+        """The final student as a transformers model directory (train.save_model)."""
+        return self.root / "model"
 
     @property
     def log(self) -> Path:

@@ -21,7 +21,7 @@ import submitit
 
 import hpcdistill
 from hpcdistill.errors import LaunchError
-from hpcdistill.launch.container import forward_env_lines, python_command
+from hpcdistill.launch.container import python_command
 from hpcdistill.launch.paths import RunPaths, SweepPaths, read_json, write_atomic, write_json_atomic
 from hpcdistill.spec.load import LoadedSpec
 from hpcdistill.spec.schema import LaunchSpec
@@ -96,12 +96,8 @@ def slurm_parameters(launch: LaunchSpec, job_name: str, run_root: Path) -> dict[
     total_gpus = launch.gpus.rollout + launch.gpus.teacher + launch.gpus.trainer
     if total_gpus:
         params["gpus_per_node"] = total_gpus
-    setup = list(launch.setup)
-    env_names = [*launch.pass_env, *(launch.container.pass_env if launch.container else [])]
-    if launch.container is not None:
-        setup += forward_env_lines(env_names, cleanenv=launch.container.cleanenv)
-    if setup:
-        params["setup"] = setup
+    if launch.setup:
+        params["setup"] = list(launch.setup)
     if launch.slurm_extra:
         params["additional_parameters"] = dict(launch.slurm_extra)
     return params
@@ -109,8 +105,8 @@ def slurm_parameters(launch: LaunchSpec, job_name: str, run_root: Path) -> dict[
 
 def task_python(launch: LaunchSpec, run_root: Path) -> str:
     binds = [run_root] if launch.container is not None else []
-    return python_command(launch.container, binds=binds, python="python3" if launch.container else
-                          _current_python())
+    return python_command(launch.container, binds=binds, pass_env=list(launch.pass_env),
+                          python="python3" if launch.container else _current_python())
 
 
 def _current_python() -> str:
@@ -295,8 +291,7 @@ def submit(loaded: LoadedSpec, *, executor: str | None = None, runs: list[Run] |
             entry["arrays"].append({"job_id": array_id, "run_ids": [r.run_id for r in chunk_runs]})
         _update_manifest(sweep, loaded, runs, entry)
         if wait:
-            for job in result.jobs:
-                _wait(job)
+            wait_for_arrays(result.array_ids)
         return result
 
     # local / debug: this machine is the cluster; run `array_parallelism` tasks at a time.
@@ -318,6 +313,22 @@ def _wait(job) -> None:
         job.result()
     except Exception as exc:  # the run's own status.json and log hold the details
         log.error("job %s failed: %s", job.job_id, str(exc).strip().splitlines()[-1] if str(exc) else exc)
+
+
+def wait_for_arrays(array_ids: list[str], poll_s: float = 2.0) -> None:
+    """Block until no task of these arrays is in squeue (pending, running or requeued).
+
+    Polls squeue rather than submitit's job.result(): without Slurm accounting submitit cannot
+    tell a task that died without a result from one still running, and would wait forever.
+    """
+    import time
+
+    wanted = set(array_ids)
+    while True:
+        queued = {j.split("_")[0] for j in queued_job_ids()}
+        if not queued & wanted:
+            return
+        time.sleep(poll_s)
 
 
 def _base_job(job_id: str) -> str:

@@ -123,7 +123,7 @@ class TrainSpec:
     # Problems per step drawn (seeded by step) from the task's problems; None = all of them every
     # step (seed 000 trains and evaluates on the same fixed problems).
     problems_per_step: int | None = opt(None, ge=1)
-    reset_between_arms: bool = True
+    save_model: bool = False  # save the final student as a model directory (RunPaths.model)
     lora: LoraSpec = field(default_factory=LoraSpec)
 
 
@@ -145,6 +145,20 @@ class EvalSpec:
     split: str | None = None  # None = the training problems (seed 000); else this split of the task
     num_problems: int | None = opt(None, ge=1)  # None = task.num_problems
     max_new_tokens: int | None = opt(None, ge=1)  # None = rollout.max_new_tokens
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """Lock/fork probing (seed 001). Owned by hpcdistill.analysis.probing; see its docs."""
+
+    trained_model: str | None = None  # the trained model; the base model is model.student
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """Looped context distillation with prompt optimization (seed 004 sections 6.3, 6.5)."""
+
+    rounds: int = opt(2, ge=1)
 
 
 @dataclass(frozen=True)
@@ -201,6 +215,8 @@ class Spec:
     train: TrainSpec = field(default_factory=TrainSpec)
     mask: MaskSpec = field(default_factory=MaskSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
+    probe: ProbeSpec = field(default_factory=ProbeSpec)
+    loop: LoopSpec = field(default_factory=LoopSpec)
     sweep: SweepSpec = field(default_factory=SweepSpec)
     launch: LaunchSpec = field(default_factory=LaunchSpec)
 
@@ -213,4 +229,5 @@ class Spec:
 
 # Sections that define what a run computes; the run id hashes these (plus the seed), so the same
 # science under another partition or container is the same run and is not redone.
-SCIENCE_SECTIONS = ("model", "task", "rollout", "teacher", "scoring", "train", "mask", "eval")
+SCIENCE_SECTIONS = ("model", "task", "rollout", "teacher", "scoring", "train", "mask", "eval", "probe",
+                    "loop")

@@ -19,6 +19,7 @@ import torch
 
 import hpcdistill
 from hpcdistill.distill import contexts
+from hpcdistill.distill.segments import sentence_segments
 from hpcdistill.launch.gpus import RoleDevices
 from hpcdistill.launch.paths import RunPaths
 from hpcdistill.models.chat import render_prompt
@@ -217,13 +218,24 @@ def _regenerate(spec: Spec, models: Models, originals: list[Item], step: int
     }
 
 
-def write_items(writer, items: list[Item], seed: int, step: int,
+def segment_ids(tokenizer, ids: np.ndarray) -> np.ndarray:
+    """Sentence segment of each response token (NLTK-style, seed 002), as int32 [T]."""
+    segments = sentence_segments([tokenizer.decode([int(t)]) for t in ids])
+    out = np.zeros(len(ids), dtype=np.int32)
+    for number, positions in enumerate(segments):
+        out[positions] = number
+    return out
+
+
+def write_items(writer, items: list[Item], seed: int, step: int, tokenizer=None,
                 masks: dict[int, np.ndarray] | None = None) -> None:
     """Stage 5: one shard row per item; `masks[i]` (supervision weights) joins item i's tokens."""
     for index, item in enumerate(items):
         tokens = item.tokens()
         if masks is not None and index in masks:
             tokens["mask"] = np.asarray(masks[index], dtype=np.float32)
+        if tokenizer is not None and item.kind == "original" and len(tokens["ids"]):
+            tokens["segment_id"] = segment_ids(tokenizer, tokens["ids"])
         writer.append(item.row(seed, step), tokens)
 
 
@@ -264,7 +276,7 @@ def run_pipeline(spec: Spec, paths: RunPaths, roles: RoleDevices) -> dict[str, A
     paths.shards.mkdir(parents=True, exist_ok=True)
     with ShardWriter(shard, attrs=shard_attrs(spec, paths, models, 0), top_k=spec.scoring.top_k) as writer:
         items, metrics = collect_step(spec, models, problems, 0)
-        write_items(writer, items, spec.seeds[0], 0)
+        write_items(writer, items, spec.seeds[0], 0, models.student.tokenizer)
         writer.add_metrics(0, metrics)
     log.info("step 0: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return {"steps_done": 1, "metrics": metrics}

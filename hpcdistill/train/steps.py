@@ -274,11 +274,26 @@ def run_training(spec: Spec, paths: RunPaths, roles: RoleDevices) -> dict[str, A
             weights = supervision_masks(spec, [items[i] for i in originals], models.student.tokenizer, step)
             if step < steps:
                 metrics |= update(spec, models, optimizer, [items[i] for i in originals], weights)
-            write_items(writer, items, seed, step, masks=dict(zip(originals, weights)))
+            write_items(writer, items, seed, step, models.student.tokenizer, masks=dict(zip(originals, weights)))
             metrics["step_seconds"] = time.monotonic() - t0
             writer.add_metrics(step, metrics)
         if step < steps and (step + 1) % spec.train.checkpoint_every == 0 or step == steps - 1:
             save_checkpoint(paths, step, model, optimizer)
         log.info("step %d/%d: %s", step, steps, ", ".join(
             f"{k}={v:.4g}" for k, v in metrics.items() if not k.endswith("seconds")))
+    if spec.train.save_model:
+        save_model(paths, models)
     return {"steps_done": steps + 1, "initial_weights_sha256": initial_checksum}
+
+
+def save_model(paths: RunPaths, models: Models) -> None:
+    """The final student as a model directory another spec can name as model.student."""
+    model = models.student.model
+    if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapter into the weights
+        model = model.merge_and_unload()
+    tmp = paths.root / f".model.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    models.student.tokenizer.save_pretrained(tmp)
+    shutil.rmtree(paths.model, ignore_errors=True)
+    os.replace(tmp, paths.model)

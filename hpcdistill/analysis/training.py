@@ -1,0 +1,116 @@
+"""Training studies from shards: seed 000 experiments 3 and 4, and per-arm result tables.
+
+- Experiment 3: delta-KL per decile at every step (one line per decile, mean +/- stderr bands).
+- Experiment 4: reward delta per arm = mean reward of the rollouts at the last step minus at
+  step 0, per (run, problem), then mean +/- stderr per arm.
+- Any sweep with eval: the final eval reward per arm and eval temperature.
+An arm is a run's sweep overrides without the seed (read from the sweep's manifest).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from hpcdistill.analysis.prefix_corruption import NUM_DECILES, PrefixCorruption, mean_stderr
+
+
+def run_arms(sweep_dir: Path) -> dict[str, str]:
+    """run_id -> arm label ("mask.kind=full, train.lr=1e-06"), from the sweep's manifest."""
+    manifest = sweep_dir / "manifest.json"
+    if not manifest.exists():
+        return {}
+    runs = json.loads(manifest.read_text()).get("runs", {})
+    return {rid: ", ".join(f"{k}={v}" for k, v in sorted(r.get("overrides", {}).items())) or "(base)"
+            for rid, r in runs.items()}
+
+
+def convergence_rows(result: PrefixCorruption) -> tuple[list[str], list[list[str]]]:
+    """Experiment 3: rows = steps, columns = deciles, cells = mean delta-KL (stderr)."""
+    headers = ["step"] + [f"d{d}" for d in range(NUM_DECILES)]
+    rows = []
+    for step in sorted(result.by_step):
+        mean, err, _ = mean_stderr(np.array(result.by_step[step]))
+        rows.append([str(step)] + [f"{m:+.3f}±{e:.3f}" if np.isfinite(e) else f"{m:+.3f}"
+                                   for m, e in zip(mean, err)])
+    return headers, rows
+
+
+def plot_convergence(result: PrefixCorruption, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted(result.by_step)
+    stats = [mean_stderr(np.array(result.by_step[s])) for s in steps]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    colors = plt.cm.viridis(np.linspace(0, 1, NUM_DECILES))
+    for d in range(NUM_DECILES):
+        mean = np.array([s[0][d] for s in stats])
+        err = np.nan_to_num(np.array([s[1][d] for s in stats]))
+        ax.plot(steps, mean, color=colors[d], marker=".", label=f"{d * 10}-{(d + 1) * 10}%")
+        ax.fill_between(steps, mean - err, mean + err, color=colors[d], alpha=0.15)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("delta KL, regen - standard (nats)")
+    ax.set_title("Delta-KL per decile over SDPO steps (mean ± stderr)")
+    ax.legend(fontsize=7, ncol=2, title="decile")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def reward_delta_rows(rewards: dict[tuple[str, int, str], list[float]], arms: dict[str, str]
+                      ) -> tuple[list[str], list[list[str]]]:
+    """Experiment 4: `rewards[(run_id, step, problem)]` original-rollout rewards -> per-arm delta."""
+    last = defaultdict(int)
+    for run_id, step, _ in rewards:
+        last[run_id] = max(last[run_id], step)
+    deltas: dict[str, list[float]] = defaultdict(list)
+    before: dict[str, list[float]] = defaultdict(list)
+    after: dict[str, list[float]] = defaultdict(list)
+    for (run_id, step, problem), values in rewards.items():
+        if step != 0 or last[run_id] == 0:
+            continue
+        final = rewards.get((run_id, last[run_id], problem))
+        if not final:
+            continue
+        arm = arms.get(run_id, run_id)
+        before[arm].append(float(np.mean(values)))
+        after[arm].append(float(np.mean(final)))
+        deltas[arm].append(float(np.mean(final) - np.mean(values)))
+    rows = []
+    for arm in sorted(deltas):
+        mean, err, n = mean_stderr(np.array(deltas[arm])[:, None])
+        rows.append([arm, f"{np.mean(before[arm]):.3f}", f"{np.mean(after[arm]):.3f}",
+                     f"{mean[0]:+.4f} ± {err[0]:.4f}" if np.isfinite(err[0]) else f"{mean[0]:+.4f}",
+                     str(int(n[0]))])
+    return ["arm", "reward step 0", "reward last step", "delta (mean ± stderr)", "n (run x problem)"], rows
+
+
+def final_eval_rows(metrics: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], arms: dict[str, str]
+                    ) -> tuple[list[str], list[list[str]]]:
+    """Final eval value of each `eval/...` metric per arm, mean ± stderr over the arm's runs."""
+    names = sorted({n for m in metrics.values() for n in m if n.startswith("eval/")})
+    per_arm: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run_id, run_metrics in metrics.items():
+        for name in names:
+            if name in run_metrics and len(run_metrics[name][0]):
+                steps, values = run_metrics[name]
+                per_arm[arms.get(run_id, run_id)][name].append(float(values[np.argmax(steps)]))
+    rows = []
+    for arm in sorted(per_arm):
+        row = [arm]
+        for name in names:
+            values = per_arm[arm].get(name, [])
+            if not values:
+                row.append("-")
+                continue
+            mean, err, _ = mean_stderr(np.array(values)[:, None])
+            row.append(f"{mean[0]:.3f} ± {err[0]:.3f}" if np.isfinite(err[0]) else f"{mean[0]:.3f}")
+        rows.append(row)
+    return ["arm"] + names, rows
