@@ -183,3 +183,16 @@ def test_shipped_configs_all_validate():
             continue
         runs = expand(load_spec(path), force=True)
         assert runs, path
+
+
+def test_sweep_over_a_table_varies_several_keys_together(tmp_path):
+    spec = write(tmp_path, "s.toml", '[experiment]\nname = "x"\nnum_seeds = 2\n[sweep.grid]\n'
+                 'model = [{ student = "a", teacher = "A" }, { student = "b", teacher = "B" }]\n'
+                 'train = [{ method = "hybrid" }, { method = "extended_on_policy", steps = 200 }]\n')
+    runs = expand(load_spec(spec))
+    assert len(runs) == 2 * 2 * 2
+    pairs = {(r.spec.model.student, r.spec.model.teacher, r.spec.train.method, r.spec.train.steps) for r in runs}
+    assert ("b", "B", "extended_on_policy", 200) in pairs and ("a", "A", "hybrid", 0) in pairs
+    bad = write(tmp_path, "b.toml", '[experiment]\nname = "x"\n[sweep.grid]\nmodel = [{ studnet = "a" }]\n')
+    with pytest.raises(SpecError, match="model.studnet': unknown key; did you mean 'model.student'"):
+        expand(load_spec(bad))

@@ -66,10 +66,12 @@ class PrefixCorruption:
     step_rewards: dict[tuple[str, int, str], list[float]] = field(default_factory=lambda: defaultdict(list))
     # run_id -> metric name -> (steps, values), merged over the run's shards
     metrics: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    # kind -> per rollout (teacher early, teacher late, student early, student late) backtrack mass
+    backtrack: dict[str, list[tuple[float, float, float, float]]] = field(default_factory=lambda: defaultdict(list))
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-COLUMNS = ["topk_kl", "full_kl"]
+COLUMNS = ["topk_kl", "full_kl", "teacher_mass_backtrack", "student_mass_backtrack"]
 
 
 def collect(paths: list[Path]) -> PrefixCorruption:
@@ -88,6 +90,8 @@ def collect(paths: list[Path]) -> PrefixCorruption:
             if row["kind"] == "original":
                 out.step_rewards[(run_id, int(row["step"]), row["problem_id"])].append(float(row["reward"]))
             key = (reader.attrs.get("run_id"), int(row["step"]), row["problem_id"], int(row["sample_idx"]))
+            if "teacher_mass_backtrack" in record.tokens and len(record.tokens["teacher_mass_backtrack"]) >= 2:
+                out.backtrack[row["kind"]].append(backtrack_halves(record.tokens))
             side = "regen" if row["kind"] == "regenerated" else "standard" if row["kind"] == "original" else None
             if side is None:
                 continue
@@ -114,6 +118,32 @@ def _add_pair(out: PrefixCorruption, step: int, standard: dict, regen: dict) -> 
         out.standard_full.append(decile_means(std_f))
         out.regen_full.append(decile_means(reg_f))
         out.delta_full.append(decile_means(reg_f - std_f))
+
+
+def backtrack_halves(tokens: dict) -> tuple[float, float, float, float]:
+    """Mean backtracking-token mass over deciles 0-50% and 50-100%, teacher then student."""
+    teacher, student = tokens["teacher_mass_backtrack"], tokens["student_mass_backtrack"]
+    half = len(teacher) // 2
+    return (float(np.mean(teacher[:half])), float(np.mean(teacher[half:])),
+            float(np.mean(student[:half])), float(np.mean(student[half:])))
+
+
+def backtrack_rows(result: PrefixCorruption) -> tuple[list[str], list[list[str]]]:
+    """Experiment 5: teacher mass on backtracking tokens, late vs early and vs the student."""
+    rows = []
+    for kind, values in sorted(result.backtrack.items()):
+        arr = np.array(values)  # [n, 4]
+        mean, err, _ = mean_stderr(arr)
+        late_vs_early = arr[:, 1] - arr[:, 0]
+        late_vs_student = arr[:, 1] - arr[:, 3]
+        fmt = lambda m, e: f"{m:.2e} ± {e:.1e}" if np.isfinite(e) else f"{m:.2e}"  # noqa: E731
+        d1, e1, _ = mean_stderr(late_vs_early[:, None])
+        d2, e2, _ = mean_stderr(late_vs_student[:, None])
+        teacher = "standard (p + f)" if kind == "original" else "regen (p + s + f)"
+        rows.append([teacher, str(len(arr)), fmt(mean[0], err[0]), fmt(mean[1], err[1]), fmt(mean[3], err[3]),
+                     fmt(d1[0], e1[0]), fmt(d2[0], e2[0])])
+    return ["teacher", "rollouts", "teacher early (0-50%)", "teacher late (50-100%)", "student late",
+            "teacher late - early", "teacher late - student late"], rows
 
 
 def reward_rows(result: PrefixCorruption) -> tuple[list[str], list[list[str]]]:

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from hpcdistill.analysis import prefix_corruption as pc
-from hpcdistill.analysis import teachability, training
+from hpcdistill.analysis import cliff, teachability, training
 from hpcdistill.analysis.tables import format_table, markdown_table
 from hpcdistill.errors import LaunchError
 
@@ -57,6 +57,10 @@ def analyze_sweep(sweep_dir: str | Path, *, print_tables: bool = True) -> Path:
         sections.append(f"![top-k vs full]({fig.name})\n")
         if print_tables:
             print(f"figure: {fig}")
+    if result.backtrack:
+        headers, rows = pc.backtrack_rows(result)
+        emit("Experiment 5: probability mass on backtracking tokens (mean ± stderr over rollouts)",
+             headers, rows)
     steps = {step for (_, step, _) in result.step_rewards}
     arms = training.run_arms(sweep_dir)
     if len(result.by_step) > 1:
@@ -85,6 +89,17 @@ def analyze_sweep(sweep_dir: str | Path, *, print_tables: bool = True) -> Path:
                 sections.append(f"![{fig.stem}]({fig.name})\n")
                 if print_tables:
                     print(f"figure: {fig}")
+    runs = cliff.collect([sweep_dir])
+    if len({r.method for r in runs.values()}) > 1 or any(r.method not in ("on_policy",) for r in runs.values()):
+        for family, (headers, rows) in cliff.method_rows(runs).items():
+            emit(f"Methods: downstream accuracy and status ({family})", headers, rows)
+        headers, rows = cliff.cost_rows(runs)
+        emit("Cost per method (measured stage seconds; allocated GPU-hours x launch.gpu_hour_price)",
+             headers, rows)
+        fig = cliff.plot_curves(runs, out_dir / "method_curves.png")
+        sections.append(f"![method curves]({fig.name})\n")
+        if print_tables:
+            print(f"figure: {fig}")
     if result.skipped:
         lines = "\n".join(f"- `{path}`: {reason}" for path, reason in result.skipped)
         sections.append(f"## Skipped shards\n\n{lines}\n")

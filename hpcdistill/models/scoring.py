@@ -50,6 +50,9 @@ class TokenScores:
     full_kl: np.ndarray | None = None  # [T] float32, KL(student||teacher) over the full vocab
     teacher_topk_ids: np.ndarray | None = None  # [T, k] int32, the teacher's own top-k
     teacher_topk_lp: np.ndarray | None = None  # [T, k] float32
+    # name -> [T] float32 probability mass a side puts on a token set (`token_sets`), under the
+    # keys "student_mass_<set>" and "teacher_mass_<set>" (seed 000 exp. 5: backtracking tokens)
+    token_mass: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.student_lp)
@@ -95,7 +98,7 @@ def response_hidden(handle: ModelHandle, seqs: list[Seq], lengths: list[int]) ->
 def score_rollouts(student: ModelHandle, teacher: ModelHandle, student_seqs: list[Seq],
                    teacher_seqs: list[Seq], *, top_k: int = 20, full_vocab: bool = False,
                    teacher_topk: bool = False, chunk_size: int = 256, batch_size: int = 4,
-                   progress: bool = True) -> list[TokenScores]:
+                   progress: bool = True, token_sets: dict[str, list[int]] | None = None) -> list[TokenScores]:
     """Score each student rollout against its teacher context (see the module docstring).
 
     student_seqs[i], teacher_seqs[i]: (prompt_ids, response_ids). The same handle may be passed as
@@ -119,7 +122,7 @@ def score_rollouts(student: ModelHandle, teacher: ModelHandle, student_seqs: lis
             idx = [i for i in range(start, min(start + batch_size, len(student_seqs))) if lengths[i] > 0]
             for i in range(start, min(start + batch_size, len(student_seqs))):
                 if lengths[i] == 0:
-                    results[i] = _empty(k, full_vocab, teacher_topk)
+                    results[i] = _empty(k, full_vocab, teacher_topk, token_sets)
             if not idx:
                 continue
             Ts = [lengths[i] for i in idx]
@@ -129,19 +132,21 @@ def score_rollouts(student: ModelHandle, teacher: ModelHandle, student_seqs: lis
             t_tok = torch.tensor([x for i in idx for x in teacher_seqs[i][1][:lengths[i]]])  # [N]
             parts = [_score_chunk(student, teacher, hs[c:c + chunk_size], ht[c:c + chunk_size],
                                   s_tok[c:c + chunk_size], t_tok[c:c + chunk_size], k,
-                                  full_vocab, teacher_topk)
+                                  full_vocab, teacher_topk, token_sets)
                      for c in range(0, hs.shape[0], chunk_size)]
             flat = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
             offsets = np.cumsum([0, *Ts])
             for j, i in enumerate(idx):
-                results[i] = TokenScores(**{name: arr[offsets[j]:offsets[j + 1]] for name, arr in flat.items()})
+                fields = {name: arr[offsets[j]:offsets[j + 1]] for name, arr in flat.items()}
+                mass = {name: fields.pop(name) for name in list(fields) if "_mass_" in name}
+                results[i] = TokenScores(**fields, token_mass=mass or None)
             bar.update(sum(Ts))
     return results  # type: ignore[return-value]
 
 
 def _score_chunk(student: ModelHandle, teacher: ModelHandle, hs: torch.Tensor, ht: torch.Tensor,
                  s_tok: torch.Tensor, t_tok: torch.Tensor, k: int, full_vocab: bool,
-                 teacher_topk: bool) -> dict[str, np.ndarray]:
+                 teacher_topk: bool, token_sets: dict[str, list[int]] | None = None) -> dict[str, np.ndarray]:
     """All scores for C positions. hs, ht: [C, H]; s_tok, t_tok: [C] -> dict of [C] / [C, k] arrays."""
     ls = log_softmax_fp32(_project(student.model, hs))  # [C, V] float32
     lt = log_softmax_fp32(_project(teacher.model, ht))  # [C, V] float32, on the teacher's device
@@ -165,13 +170,18 @@ def _score_chunk(student: ModelHandle, teacher: ModelHandle, hs: torch.Tensor, h
     }
     if full_vocab:
         out["full_kl"] = kl_from_logprobs(ls, lt.to(ls.device), p=ps)
+    for name, token_ids in (token_sets or {}).items():
+        ids_s = torch.as_tensor(token_ids, dtype=torch.long, device=ls.device)
+        out[f"student_mass_{name}"] = ps.index_select(-1, ids_s).sum(-1)
+        ids_t = ids_s.to(lt.device)
+        out[f"teacher_mass_{name}"] = lt.index_select(-1, ids_t).exp().sum(-1).to(ls.device)
     if teacher_topk:
         top = torch.topk(lt, k, dim=-1)
         out["teacher_topk_ids"], out["teacher_topk_lp"] = top.indices.int(), top.values
     return {name: t.cpu().numpy() for name, t in out.items()}
 
 
-def _empty(k: int, full_vocab: bool, teacher_topk: bool) -> TokenScores:
+def _empty(k: int, full_vocab: bool, teacher_topk: bool, token_sets=None) -> TokenScores:
     f1, fk = np.zeros(0, np.float32), np.zeros((0, k), np.float32)
     ik = np.zeros((0, k), np.int32)
     return TokenScores(student_lp=f1, teacher_lp=f1.copy(), student_topk_ids=ik, student_topk_lp=fk,
@@ -179,7 +189,9 @@ def _empty(k: int, full_vocab: bool, teacher_topk: bool) -> TokenScores:
                        entropy_t=f1.copy(), teacher_own_lp=f1.copy(),
                        full_kl=f1.copy() if full_vocab else None,
                        teacher_topk_ids=ik.copy() if teacher_topk else None,
-                       teacher_topk_lp=fk.copy() if teacher_topk else None)
+                       teacher_topk_lp=fk.copy() if teacher_topk else None,
+                       token_mass={f"{side}_mass_{name}": f1.copy() for name in token_sets
+                                   for side in ("student", "teacher")} if token_sets else None)
 
 
 __all__ = ["TokenScores", "score_rollouts", "response_hidden"]

@@ -86,7 +86,9 @@ class TeacherSpec:
 @dataclass(frozen=True)
 class ScoringSpec:
     top_k: int = opt(20, ge=1, le=4096)
-    full_vocab: bool = False  # also full-vocabulary KL and both entropies
+    full_vocab: bool = False  # also full-vocabulary KL, and both sides' mass on backtrack_words
+    # seed 000 exp. 5: tokens whose text (stripped, case-insensitive) is one of these
+    backtrack_words: list[str] = field(default_factory=lambda: ["wait", "actually", "no", "#", "//"])
     chunk_size: int = opt(256, ge=1)
     batch_size: int = opt(4, ge=1)
 
@@ -123,6 +125,15 @@ class TrainSpec:
     # Problems per step drawn (seeded by step) from the task's problems; None = all of them every
     # step (seed 000 trains and evaluates on the same fixed problems).
     problems_per_step: int | None = opt(None, ge=1)
+    # method schedules (seed 003; see hpcdistill.distill.schedules)
+    switch_step: int = opt(50, ge=0)  # hybrid: off-policy before this step
+    seed_tokens_start: int = opt(20, ge=0)  # teacher_seeded: prefix tokens at step 0 ...
+    seed_decay_steps: int = opt(50, ge=0)  # ... decaying linearly to 0 over this many steps
+    off_policy_weight: float = opt(0.3, ge=0, le=1)  # mixture: 0.3 off + 0.7 on per step
+    replay_every: int = opt(10, ge=1)  # replay_buffer: inject the stored off-policy batch every k steps
+    replay_weight: float = opt(1.0, ge=0)
+    kl_anchor_beta: float = opt(0.1, ge=0)  # kl_anchored: beta * KL(current || initial student)
+    reverse_steps: int = opt(30, ge=0)  # reverse_curriculum: off-policy for the last N steps
     save_model: bool = False  # save the final student as a model directory (RunPaths.model)
     lora: LoraSpec = field(default_factory=LoraSpec)
 
@@ -149,9 +160,50 @@ class EvalSpec:
 
 @dataclass(frozen=True)
 class ProbeSpec:
-    """Lock/fork probing (seed 001). Owned by hpcdistill.analysis.probing; see its docs."""
+    """Lock/fork probing (seed 001). Owned by hpcdistill.analysis.probing; see its docs.
+
+    The base model is `model.student`, the trained model `trained_model`; both must share one
+    tokenizer. Carriers come from recorded shards (`carriers`) or, when none are named, are
+    generated fresh by both models on the task's problems with the `[rollout]` settings.
+    """
 
     trained_model: str | None = None  # the trained model; the base model is model.student
+    trained_label: str = "Trained"  # column label in the rank tables (the seed writes "SSD")
+    # -- carriers: prompt+response pairs (seed 001, "The probing mechanism")
+    carriers: list[str] = field(default_factory=list)  # sweep/run dirs or shard files; [] = generate
+    num_carriers: int = opt(32, ge=1)
+    stratify: list[Literal["length", "correctness", "generator"]] = field(
+        default_factory=lambda: ["length", "correctness", "generator"])
+    length_bins: int = opt(3, ge=1)  # quantile bins of response length
+    # -- positions per carrier
+    regular_every: int = opt(32, ge=0)  # every n-th response position (0 = none)
+    heuristic_tokens: list[str] = field(default_factory=lambda: [
+        "\\boxed", "Let", "Suppose", "Wait", "Actually", "So", "Therefore", "Thus", "</think>",
+        "**", "$$", "\n\n", "```"])  # matched on the decoded response text
+    heuristic_window: int = opt(1, ge=0)  # also probe this many positions after each match
+    random_positions: int = opt(8, ge=0)  # random positions on top, per carrier
+    max_positions: int = opt(128, ge=1)  # cap per carrier (seeded subsample beyond it)
+    # -- distributions: tail = mass outside the top_k; truncation = top-k then top-p
+    top_k: int = opt(20, ge=1, le=4096)
+    top_p: float = opt(0.95, gt=0, le=1)
+    temperatures: list[float] = field(default_factory=lambda: [0.7, 1.5])  # T_eval, each > 0
+    # -- classifier thresholds (seed 001: lock = high top-1, small nucleus, low tail; fork = several
+    # similar candidates in the top-n with low tail; anything else is mixed/diffuse)
+    lock_min_top1: float = opt(0.5, gt=0, le=1)
+    lock_max_nucleus: int = opt(8, ge=1)
+    lock_max_tail: float = opt(0.1, ge=0, le=1)
+    fork_top_n: int = opt(10, ge=2)  # candidates are looked for among the top-n (<= top_k)
+    fork_min_candidates: int = opt(2, ge=2)
+    fork_min_prob: float = opt(0.05, ge=0, le=1)  # a candidate has p >= this ...
+    fork_min_ratio: float = opt(0.25, ge=0, le=1)  # ... and p >= ratio * top-1 ("similar")
+    fork_max_tail: float = opt(0.25, ge=0, le=1)
+    # -- lock sub-categories: a self-correction context is a marker in the preceding text
+    self_correction_markers: list[str] = field(default_factory=lambda: [
+        "Wait", "wait,", "Actually", "Hmm", "Let me check", "Let's check", "Let me verify",
+        "Let me double-check", "double-check", "re-check", "I made a mistake", "Oops"])
+    self_correction_window: int = opt(200, ge=0)  # characters of preceding text searched
+    num_examples: int = opt(1, ge=0)  # rank tables per sub-category in the report
+    seed: int | None = None  # None = the run's seed
 
 
 @dataclass(frozen=True)
@@ -201,6 +253,7 @@ class LaunchSpec:
     setup: list[str] = field(default_factory=list)  # shell lines before the task (module load ...)
     max_runs: int = opt(1000, ge=1)
     max_array_size: int | None = opt(None, ge=1)  # None = ask Slurm (MaxArraySize)
+    gpu_hour_price: float = opt(0.0, ge=0)  # for cost accounting (seed 003's cost tables), per GPU-hour
     slurm_extra: dict[str, Any] = field(default_factory=dict)  # more sbatch options
 
 

@@ -58,8 +58,15 @@ def run_id_for(spec: Spec, seed: int) -> str:
     return f"s{seed}-{digest[:12]}"
 
 
+def _tables() -> set[str]:
+    """Dotted names of the schema's tables (sections and nested tables like train.lora)."""
+    return {k.rsplit(".", i)[0] for k in schema_keys() for i in range(1, k.count(".") + 1)}
+
+
 def _check_sweep_keys(loaded: LoadedSpec) -> list[tuple[str, list[Any]]] | None:
-    valid = set(schema_keys())
+    # A key is a leaf (`train.lr`) or a table (`model`) whose values are tables merged into it,
+    # so that several keys vary together: grid = { model = [{student = "a", teacher = "b"}, ...] }.
+    valid = set(schema_keys()) | _tables()
     errors = []
     for kind in ("grid", "zip"):
         for key, values in getattr(loaded.spec.sweep, kind).items():
@@ -108,8 +115,9 @@ def expand(loaded: LoadedSpec, *, force: bool = False) -> list[Run]:
             data = base
             origins = dict(loaded.origins)
             for key, value in overrides.items():
-                data = set_dotted(data, key, value)
-                origins[key] = f"{loaded.path} (sweep value {key} = {value!r})"
+                for leaf, leaf_value in _leaves(key, value):
+                    data = set_dotted(data, leaf, leaf_value)
+                    origins[leaf] = f"{loaded.path} (sweep value {key} = {value!r})"
             try:
                 spec = validate(data, origins, str(loaded.path))
             except SpecError as exc:
@@ -137,6 +145,13 @@ def expand(loaded: LoadedSpec, *, force: bool = False) -> list[Run]:
         raise SpecError(f"{loaded.path}: key 'launch.max_runs': the spec expands to {len(runs)} runs, "
                         f"more than launch.max_runs = {limit}; raise it or pass --force")
     return runs
+
+
+def _leaves(key: str, value: Any) -> list[tuple[str, Any]]:
+    """A table-valued sweep entry as the dotted leaves it sets."""
+    if isinstance(value, dict):
+        return [leaf for k, v in value.items() for leaf in _leaves(f"{key}.{k}", v)]
+    return [(key, value)]
 
 
 def describe_override(value: Any) -> str:

@@ -71,6 +71,24 @@ def step_seed(seed: int, step: int, stream: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + stream * 104_729) % (2**31 - 1)
 
 
+def token_sets(spec: Spec, tokenizer) -> dict[str, list[int]]:
+    """Vocabulary ids of the backtracking words (seed 000 exp. 5), when full-vocab scoring is on."""
+    if not spec.scoring.full_vocab or not spec.scoring.backtrack_words:
+        return {}
+    words = {w.strip().lower() for w in spec.scoring.backtrack_words}
+    ids = [i for i in range(len(tokenizer)) if tokenizer.decode([i]).strip().lower() in words]
+    return {"backtrack": ids}
+
+
+def shard_columns(spec: Spec) -> dict[str, str]:
+    """Extra per-token columns this spec records (registered with the shard writer)."""
+    if not spec.scoring.full_vocab or not spec.scoring.backtrack_words:
+        return {}
+    words = ", ".join(repr(w) for w in spec.scoring.backtrack_words)
+    return {f"{side}_mass_backtrack": f"{side}'s probability mass on backtracking tokens ({words})"
+            for side in ("student", "teacher")}
+
+
 def shard_attrs(spec: Spec, paths: RunPaths, models: Models, step: int) -> dict[str, Any]:
     data = spec_to_dict(spec)
     return {
@@ -132,14 +150,70 @@ class Item:
         }
         if s.full_kl is not None:
             out["full_kl"] = s.full_kl
+        out.update(s.token_mass or {})
         if self.kind == "original":
             out["sampler_lp"] = np.asarray(self.generation.sampler_lp[:n], dtype=np.float32)
         return out
 
 
-def collect_step(spec: Spec, models: Models, problems: list[Problem], step: int
-                 ) -> tuple[list[Item], dict[str, float]]:
-    """Rollout, feedback, teacher context and scoring for one step (stages 1-4)."""
+def teacher_generation_prompts(spec: Spec, models: Models, problems: list[Problem]) -> list[list[int]]:
+    """The teacher's own prompt when it writes (completions, seeded prefixes): its system prompt
+    (few-shot or enhanced context) when teacher.context = "system_prompt", else the student's."""
+    tok = models.teacher.tokenizer or models.student.tokenizer
+    if spec.teacher.context == "system_prompt":
+        return [render_prompt(tok, contexts.system_prompt_messages(p, spec.teacher)) for p in problems]
+    return [render_prompt(tok, contexts.student_messages(p, spec.rollout.system_prompt)) for p in problems]
+
+
+def teacher_prefixes(spec: Spec, models: Models, problems: list[Problem], step: int, num_tokens: int
+                     ) -> list[list[int]]:
+    """Teacher seeding (seed 003): the teacher writes the first `num_tokens` of each problem's rollouts."""
+    gens = generate(models.teacher, teacher_generation_prompts(spec, models, problems), n=1,
+                    max_new_tokens=num_tokens, temperature=spec.teacher.temperature,
+                    top_p=spec.teacher.top_p, seed=step_seed(spec.seeds[0], step, 2),
+                    batch_size=spec.rollout.batch_size)
+    stops = set(models.teacher.stop_token_ids)
+    # A prefix that already ended its answer would leave the student nothing to write: cut the stop.
+    return [[int(t) for t in g[0].response_ids if int(t) not in stops] for g in gens]
+
+
+def collect_teacher_completions(spec: Spec, models: Models, problems: list[Problem], step: int,
+                                seed_stream: int = 3) -> tuple[list[Item], dict[str, float]]:
+    """Off-policy data: teacher completions, trained on under the STUDENT's prompt (SFT)."""
+    task = get_task(spec.task.name)
+    tok = models.student.tokenizer
+    ro, sc = spec.rollout, spec.scoring
+    teacher_prompts = teacher_generation_prompts(spec, models, problems)
+    student_prompts = [render_prompt(tok, contexts.student_messages(p, ro.system_prompt)) for p in problems]
+    t0 = time.monotonic()
+    gens = generate(models.teacher, teacher_prompts, n=ro.samples_per_problem,
+                    max_new_tokens=ro.max_new_tokens, temperature=spec.teacher.temperature,
+                    top_p=spec.teacher.top_p, seed=step_seed(spec.seeds[0], step, seed_stream),
+                    batch_size=ro.batch_size)
+    seconds = time.monotonic() - t0
+    items = []
+    for p, sp, tp, samples in zip(problems, student_prompts, teacher_prompts, gens):
+        for i, g in enumerate(samples):
+            text = tok.decode(g.response_ids, skip_special_tokens=True)
+            verdict = task.verify(p, text, timeout_s=spec.task.timeout_s, memory_mb=spec.task.memory_mb)
+            response = [int(t) for t in g.response_ids]
+            items.append(Item(p, i, "teacher", (list(sp), response), (list(tp), response), g, text, verdict, None))
+    scores = score_rollouts(models.student, models.teacher, [it.student_seq for it in items],
+                            [it.teacher_seq for it in items], top_k=sc.top_k, full_vocab=sc.full_vocab,
+                            chunk_size=sc.chunk_size, batch_size=sc.batch_size)
+    for item, score in zip(items, scores):
+        item.scores = score
+    return items, {"teacher_seconds": seconds,
+                   "teacher_tokens": float(sum(len(it.student_seq[1]) for it in items)),
+                   "teacher_reward_mean": float(np.mean([it.verdict.reward for it in items]))}
+
+
+def collect_step(spec: Spec, models: Models, problems: list[Problem], step: int,
+                 prefixes: list[list[int]] | None = None) -> tuple[list[Item], dict[str, float]]:
+    """Rollout, feedback, teacher context and scoring for one step (stages 1-4).
+
+    `prefixes[i]`: teacher-written first tokens of problem i's rollouts (teacher seeding).
+    """
     seed = spec.seeds[0]
     task = get_task(spec.task.name)
     tok = models.student.tokenizer
@@ -151,7 +225,7 @@ def collect_step(spec: Spec, models: Models, problems: list[Problem], step: int
     generations = generate(models.student, prompts, n=ro.samples_per_problem,
                            max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
                            top_p=ro.top_p, top_k=ro.top_k, seed=step_seed(seed, step, 0),
-                           batch_size=ro.batch_size)
+                           batch_size=ro.batch_size, prefix_ids=prefixes)
     rollout_s = time.monotonic() - t0
     flat = [(p, i, g) for p, gens in zip(problems, generations) for i, g in enumerate(gens)]
     texts = [tok.decode(g.response_ids, skip_special_tokens=True) for _, _, g in flat]
@@ -165,9 +239,10 @@ def collect_step(spec: Spec, models: Models, problems: list[Problem], step: int
     teacher_seqs = [(render_prompt(tok, contexts.teacher_messages(p, text, v, tc, ro.system_prompt)),
                      s[1]) for (p, _, _), text, v, s in zip(flat, texts, verdicts, student_seqs)]
     t0 = time.monotonic()
+    sets = token_sets(spec, tok)
     scores = score_rollouts(models.student, models.teacher, student_seqs, teacher_seqs,
                             top_k=sc.top_k, full_vocab=sc.full_vocab, chunk_size=sc.chunk_size,
-                            batch_size=sc.batch_size)
+                            batch_size=sc.batch_size, token_sets=sets)
     scoring_s = time.monotonic() - t0
     items = [Item(p, i, "original", ss, ts, g, text, v, s) for (p, i, g), ss, ts, text, v, s
              in zip(flat, student_seqs, teacher_seqs, texts, verdicts, scores)]
@@ -178,6 +253,7 @@ def collect_step(spec: Spec, models: Models, problems: list[Problem], step: int
         "truncation_rate": float(np.mean([g.finish_reason == "length" for _, _, g in flat])),
         "rollout_seconds": rollout_s,
         "scoring_seconds": scoring_s,
+        "scored_tokens": float(sum(len(x) for x in scores)),
     }
     if tc.context == "regen":
         regen_items, regen_metrics = _regenerate(spec, models, items, step)
@@ -209,7 +285,8 @@ def _regenerate(spec: Spec, models: Models, originals: list[Item], step: int
     teacher_seqs = [(rp, [int(t) for t in r.response_ids]) for rp, r in zip(regen_prompts, regens)]
     scores = score_rollouts(models.student, models.teacher, [o.student_seq for o in originals],
                             teacher_seqs, top_k=sc.top_k, full_vocab=sc.full_vocab,
-                            chunk_size=sc.chunk_size, batch_size=sc.batch_size)
+                            chunk_size=sc.chunk_size, batch_size=sc.batch_size,
+                            token_sets=token_sets(spec, tok))
     items = [Item(o.problem, o.sample_idx, "regenerated", o.student_seq, ts, r, text, v, s)
              for o, ts, r, text, v, s in zip(originals, teacher_seqs, regens, texts, verdicts, scores)]
     return items, {
@@ -274,7 +351,8 @@ def run_pipeline(spec: Spec, paths: RunPaths, roles: RoleDevices) -> dict[str, A
         return {"steps_done": 1, "skipped": [0]}
     models = load_models(spec, roles)
     paths.shards.mkdir(parents=True, exist_ok=True)
-    with ShardWriter(shard, attrs=shard_attrs(spec, paths, models, 0), top_k=spec.scoring.top_k) as writer:
+    with ShardWriter(shard, attrs=shard_attrs(spec, paths, models, 0), top_k=spec.scoring.top_k,
+                     token_columns=shard_columns(spec)) as writer:
         items, metrics = collect_step(spec, models, problems, 0)
         write_items(writer, items, spec.seeds[0], 0, models.student.tokenizer)
         writer.add_metrics(0, metrics)

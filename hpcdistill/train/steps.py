@@ -14,6 +14,7 @@ after step k. A task killed between the two redoes step k on resume; sampling is
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -24,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from hpcdistill.distill import objectives
+from hpcdistill.distill import objectives, schedules
+from hpcdistill.distill.schedules import StepPlan
 from hpcdistill.distill.masks import build_masks
 from hpcdistill.distill.segments import sentence_segments
 from hpcdistill.launch.gpus import RoleDevices
@@ -33,8 +35,9 @@ from hpcdistill.models.scoring import response_hidden, _project
 from hpcdistill.record import ShardWriter
 from hpcdistill.spec.schema import Spec
 from hpcdistill.tasks import Problem
-from hpcdistill.train.loop import (Item, Models, collect_step, load_eval_problems, load_models, load_problems,
-                                   shard_attrs, step_seed, write_items)
+from hpcdistill.train.loop import (Item, Models, collect_step, collect_teacher_completions, load_eval_problems,
+                                   load_models, load_problems, shard_attrs, shard_columns, step_seed,
+                                   teacher_prefixes, write_items)
 
 log = logging.getLogger(__name__)
 
@@ -187,19 +190,59 @@ def _metrics(loss: torch.Tensor, named: dict[str, Any]) -> tuple[torch.Tensor, d
     return loss, {f"train/{k}": float(v) for k, v in named.items()}
 
 
+def off_policy_loss(spec: Spec, models: Models, items: list[Item], reference: torch.nn.Module | None,
+                    kl_beta: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """SFT on teacher completions under the student's prompt, plus the optional KL anchor."""
+    device = models.student.device
+    lengths = [len(it.student_seq[1]) for it in items]
+    logits = torch.cat(_student_logits(models, items, grad=True))  # [N, V]
+    targets = torch.as_tensor([t for it in items for t in it.student_seq[1]], dtype=torch.long, device=device)
+    weights = torch.ones(sum(lengths), device=device)
+    loss, named = objectives.sft_loss(logits, targets, weights)
+    metrics = {f"train/off_{k}": float(v) for k, v in named.items()}
+    if kl_beta > 0 and reference is not None:
+        with torch.no_grad():
+            hidden = response_hidden(_Handle(reference, models.student), [it.student_seq for it in items], lengths)
+            reference_logits = _project(reference, hidden).float()
+        kl, named = objectives.kl_to_reference_loss(logits, reference_logits, weights)
+        loss = loss + kl_beta * kl
+        metrics["train/kl_to_initial"] = float(named["reference_kl"])
+    return loss, metrics
+
+
+class _Handle:
+    """A model handle that borrows the student's tokenizer and device (the frozen reference)."""
+
+    def __init__(self, model, like):
+        self.model, self.tokenizer, self.device, self.dtype = model, like.tokenizer, like.device, like.dtype
+
+
 def update(spec: Spec, models: Models, optimizer: torch.optim.Optimizer, items: list[Item],
-           weights: list[np.ndarray]) -> dict[str, float]:
-    """objective -> backward -> clip -> AdamW step, on the original (on-policy) rollouts."""
+           weights: list[np.ndarray], step_plan: StepPlan, off_items: list[Item],
+           reference: torch.nn.Module | None) -> dict[str, float]:
+    """objective -> backward -> clip -> AdamW step, as the method's plan for this step says."""
     model = models.student.model
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss, metrics = objective_loss(spec, models, items, weights)
+    loss = torch.zeros((), device=models.student.device)
+    metrics: dict[str, float] = {}
+    if step_plan.on_policy_weight > 0 and items:
+        on_loss, named = objective_loss(spec, models, items, weights)
+        loss = loss + step_plan.on_policy_weight * on_loss
+        metrics |= named
+    if step_plan.off_policy_weight > 0 and off_items:
+        off_loss, named = off_policy_loss(spec, models, off_items, reference, step_plan.kl_anchor_beta)
+        loss = loss + step_plan.off_policy_weight * off_loss
+        metrics |= named
     loss.backward()
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.train.max_grad_norm)
     optimizer.step()
     model.eval()
-    metrics.update({"train/grad_norm": float(grad_norm), "train/lr": spec.train.lr,
+    metrics.update({"train/loss_total": float(loss.detach()), "train/grad_norm": float(grad_norm),
+                    "train/lr": spec.train.lr, "train/on_policy_weight": step_plan.on_policy_weight,
+                    "train/off_policy_weight": step_plan.off_policy_weight,
+                    "train/seed_tokens": float(step_plan.seed_tokens),
                     "train/supervised_tokens": float(sum(float((w > 0).sum()) for w in weights))})
     return metrics
 
@@ -254,6 +297,8 @@ def run_training(spec: Spec, paths: RunPaths, roles: RoleDevices) -> dict[str, A
     models = load_models(spec, roles)
     torch.manual_seed(spec.seeds[0])
     initial_checksum = weights_checksum(models.student.model)  # ablation arms start identical
+    # kl_anchored needs the initial student beside the trained one (seed 003, finding 4).
+    reference = copy.deepcopy(models.student.model).eval() if spec.train.method == "kl_anchored" else None
     apply_lora(spec, models)
     model = models.student.model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.train.lr,
@@ -265,16 +310,39 @@ def run_training(spec: Spec, paths: RunPaths, roles: RoleDevices) -> dict[str, A
     seed, steps = spec.seeds[0], spec.train.steps
     for step in range(last_done + 1, steps + 1):
         t0 = time.monotonic()
-        attrs = shard_attrs(spec, paths, models, step) | {"initial_weights_sha256": initial_checksum}
-        with ShardWriter(paths.shard(step), attrs=attrs, top_k=spec.scoring.top_k) as writer:
-            items, metrics = collect_step(spec, models, step_problems(spec, problems, step), step)
+        step_plan = schedules.plan(spec.train, step)
+        batch = step_problems(spec, problems, step)
+        attrs = shard_attrs(spec, paths, models, step) | {"initial_weights_sha256": initial_checksum,
+                                                          "method": spec.train.method}
+        with ShardWriter(paths.shard(step), attrs=attrs, top_k=spec.scoring.top_k,
+                         token_columns=shard_columns(spec)) as writer:
+            prefixes = (teacher_prefixes(spec, models, batch, step, step_plan.seed_tokens)
+                        if step_plan.seed_tokens > 0 and step < steps else None)
+            items, metrics = collect_step(spec, models, batch, step, prefixes=prefixes)
+            off_items: list[Item] = []
+            if step_plan.needs_teacher_completions and step < steps:
+                # replay_buffer replays the batch stored at its first injection (stream 4, step 0);
+                # the other methods take fresh teacher completions every step.
+                stored = spec.train.method == "replay_buffer"
+                off_items, off_metrics = collect_teacher_completions(
+                    spec, models, problems if stored else batch, 0 if stored else step,
+                    seed_stream=4 if stored else 3)
+                metrics |= off_metrics
             if eval_due(spec, step):
+                t_eval = time.monotonic()
                 metrics |= evaluate(spec, models, eval_problems, step)
+                metrics["eval_seconds"] = time.monotonic() - t_eval
             originals = [i for i, it in enumerate(items) if it.kind == "original"]
             weights = supervision_masks(spec, [items[i] for i in originals], models.student.tokenizer, step)
+            for w, i in zip(weights, originals):  # teacher-written prefix tokens are not the student's
+                w[:items[i].generation.num_prefix_tokens] = 0.0
             if step < steps:
-                metrics |= update(spec, models, optimizer, [items[i] for i in originals], weights)
-            write_items(writer, items, seed, step, models.student.tokenizer, masks=dict(zip(originals, weights)))
+                t_train = time.monotonic()
+                metrics |= update(spec, models, optimizer, [items[i] for i in originals], weights,
+                                  step_plan, off_items, reference)
+                metrics["train_seconds"] = time.monotonic() - t_train
+            write_items(writer, items + off_items, seed, step, models.student.tokenizer,
+                        masks=dict(zip(originals, weights)))
             metrics["step_seconds"] = time.monotonic() - t0
             writer.add_metrics(step, metrics)
         if step < steps and (step + 1) % spec.train.checkpoint_every == 0 or step == steps - 1:
