@@ -151,6 +151,34 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_probe(args) -> int:
+    """Lock/fork probing (seed 001): a probe run on this machine, then its report."""
+    from hpcdistill.analysis.probe_run import run_probe
+    from hpcdistill.analysis.probing import probe_report
+    from hpcdistill.launch.paths import SweepPaths
+
+    loaded = _load(args)
+    spec = loaded.spec
+    sweep = SweepPaths.for_spec(spec.experiment.output_dir, spec.experiment.name)
+    sweep.root.mkdir(parents=True, exist_ok=True)
+    shard = run_probe(spec, sweep.root)
+    sections = probe_report([shard], sweep.analysis, print_tables=True)
+    sweep.analysis.mkdir(parents=True, exist_ok=True)
+    report = sweep.analysis / "probe_report.md"
+    report.write_text("\n".join(sections), encoding="utf-8")
+    print(f"probe shard: {shard}\nreport: {report}")
+    return 0
+
+
+def cmd_loop(args) -> int:
+    """Looped context distillation with prompt optimization (seed 004 sections 6.3, 6.5)."""
+    from hpcdistill.train.prompt_loop import run_loop
+
+    loop_dir = run_loop(_load(args), executor=args.executor)
+    print(f"loop results: {loop_dir}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 
 
@@ -195,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only failed, lost or missing runs (default: every run not completed)")
     p.add_argument("--executor", choices=["slurm", "local", "debug"])
     p.set_defaults(func=cmd_resubmit)
+
+    p = with_spec(sub.add_parser("probe", help="lock/fork probing of a trained vs a base model (seed 001)"))
+    p.set_defaults(func=cmd_probe)
+
+    p = with_spec(sub.add_parser("loop", help="prompt optimization -> distillation -> evaluation rounds (seed 004)"))
+    p.add_argument("--executor", choices=["slurm", "local", "debug"], help="for the distillation rounds")
+    p.set_defaults(func=cmd_loop)
 
     p = sub.add_parser("analyze", help="tables, figures and report.md from a sweep's shards")
     p.add_argument("run_dir", help="sweep directory: <output_dir>/<experiment.name>")

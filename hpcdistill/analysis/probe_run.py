@@ -55,7 +55,7 @@ import re
 import sys
 import time
 import tomllib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,21 +230,26 @@ def _strata(carriers_meta: list[dict], probe: ProbeSpec) -> list[tuple]:
                   else m["generator"] for key in probe.stratify) for m in carriers_meta]
 
 
-def _task_prompts(spec_toml: str, fallback: Spec, tokenizer, cache: dict) -> dict[str, list[int]]:
-    """problem_id -> prompt ids, rebuilt from the recording run's [task] and rollout.system_prompt."""
+def _task_prompts(spec_toml: str, fallback: Spec, tokenizer, cache: dict, kind: str) -> dict[str, list[int]]:
+    """problem_id -> prompt ids, rebuilt as the recording run rendered them: its [task] (for eval
+    rollouts its eval.split and eval.num_problems) and its rollout.system_prompt."""
     try:
         data = tomllib.loads(spec_toml) if spec_toml else {}
     except tomllib.TOMLDecodeError:
         data = {}
     task = {"name": fallback.task.name, "source": fallback.task.source, "split": fallback.task.split,
             "num_problems": fallback.task.num_problems} | data.get("task", {})
+    split, num = task["split"], task["num_problems"]
+    if kind == "eval":
+        split = data.get("eval", {}).get("split") or split
+        num = data.get("eval", {}).get("num_problems") or num
     system = data.get("rollout", {}).get("system_prompt", fallback.rollout.system_prompt)
-    key = (task["name"], task["source"], task["split"], task["num_problems"], system)
+    key = (task["name"], task["source"], split, num, system)
     if key not in cache:
         from hpcdistill.tasks import get_task  # the task package is only needed here
 
-        problems = get_task(task["name"]).load_problems(source=task["source"], split=task["split"],
-                                                        num_problems=task["num_problems"], seed=0)
+        problems = get_task(task["name"]).load_problems(source=task["source"], split=split,
+                                                        num_problems=num, seed=0)
         cache[key] = {p.problem_id: render_prompt(tokenizer, single_turn(p.prompt, system or None))
                       for p in problems}
     return cache[key]
@@ -259,7 +264,7 @@ def carriers_from_shards(spec: Spec, tokenizer, rng: np.random.Generator) -> lis
         model_id = str(reader.attrs.get("student_model", ""))
         for i, (kind, length) in enumerate(zip(table["kind"], table["length"])):
             if kind in CARRIER_KINDS and length > 0:
-                meta.append({"path": reader.path, "index": i, "length": int(length),
+                meta.append({"path": reader.path, "index": i, "length": int(length), "kind": str(kind),
                              "reward": float(table["reward"][i]), "problem_id": str(table["problem_id"][i]),
                              "generator": generator_label(model_id, int(table["weight_version"][i]), spec)})
     if not meta:
@@ -281,7 +286,8 @@ def carriers_from_shards(spec: Spec, tokenizer, rng: np.random.Generator) -> lis
                 if prompt_text:
                     prompt_ids = list(tokenizer.encode(prompt_text, add_special_tokens=False))
                 else:
-                    prompts = _task_prompts(str(reader.attrs.get("spec_toml", "")), spec, tokenizer, prompt_cache)
+                    prompts = _task_prompts(str(reader.attrs.get("spec_toml", "")), spec, tokenizer,
+                                            prompt_cache, m["kind"])
                     if m["problem_id"] not in prompts:
                         log.warning("carrier %s#%d: problem %r not found in its task; skipped",
                                     path, m["index"], m["problem_id"])
@@ -432,7 +438,8 @@ def compare_distributions(base_logits: torch.Tensor, trained_logits: torch.Tenso
 
 def probe_carrier(base: ModelHandle, trained: ModelHandle, carrier: Carrier, probe: ProbeSpec,
                   rng: np.random.Generator) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
-    """(extra row columns, token columns) per probe temperature for one carrier."""
+    """(row columns of the probe, token columns) per probe temperature for one carrier; the row's
+    response_text is the per-token decoded pieces joined, so tokens/char_offset indexes into it."""
     tok = base.tokenizer
     pieces = [tok.decode([t]) for t in carrier.response_ids]
     positions, source = select_positions(pieces, probe, rng)
@@ -449,18 +456,21 @@ def probe_carrier(base: ModelHandle, trained: ModelHandle, carrier: Carrier, pro
         shown = np.unique(np.concatenate([cols["student_topk_ids"][:, :probing.RANK_TABLE_SIZE].ravel(),
                                           cols["teacher_topk_ids"][:, :probing.RANK_TABLE_SIZE].ravel()]))
         token_text = {int(i): tok.decode([int(i)]) for i in shown}
+        window = probe.self_correction_window
         self_correction = np.array([
-            probing.self_correction_context(text[max(0, start - probe.self_correction_window):start], [token_text[int(cols["student_topk_ids"][j, 0])],
-                                                           token_text[int(cols["teacher_topk_ids"][j, 0])]],
-                                            probe.self_correction_markers, probe.self_correction_window)
-            for j, start in enumerate(starts)])
+            probing.self_correction_context(
+                text[max(0, start - window):start],
+                [token_text[int(cols["student_topk_ids"][j, 0])], token_text[int(cols["teacher_topk_ids"][j, 0])]],
+                probe.self_correction_markers, window)
+            for j, start in enumerate(starts)], dtype=bool)
         same_top = cols["student_topk_ids"][:, 0] == cols["teacher_topk_ids"][:, 0]
         cols["lock_subcategory"] = probing.lock_subcategory(cols["base_class"], cols["trained_class"],
                                                             same_top, self_correction)
         cols["fork_subcategory"] = probing.fork_subcategory(cols["base_class"], cols["trained_class"])
         cols["self_correction"] = self_correction.astype(np.float32)
         cols["position"], cols["char_offset"], cols["source"] = positions, starts, source
-        extra = {"probe_temperature": float(temperature), "token_text": json.dumps(token_text, ensure_ascii=False)}
+        extra = {"probe_temperature": float(temperature), "response_text": text,
+                 "token_text": json.dumps(token_text, ensure_ascii=False)}
         out.append((extra, cols))
     return out
 
@@ -480,6 +490,7 @@ def probe_attrs(spec: Spec, out_dir: Path, base: ModelHandle, trained: ModelHand
         "task": spec.task.name, "probe_trained_label": spec.probe.trained_label,
         "probe_temperatures": [float(t) for t in spec.probe.temperatures],
         "probe_top_k": spec.probe.top_k, "probe_top_p": spec.probe.top_p,
+        "probe_num_examples": spec.probe.num_examples,
     }
 
 
@@ -501,18 +512,16 @@ def run_probe(spec: Spec, out_dir: str | Path) -> Path:
     else:
         carriers = generate_carriers(spec, base, trained, seed, rng)
     log.info("probing %d carriers (%s)", len(carriers),
-             ", ".join(f"{g}: {n}" for g, n in sorted(_count(c.generator for c in carriers).items())))
-    token_columns = {name: TOKEN_COLUMNS[name] for name in TOKEN_COLUMNS}
+             ", ".join(f"{g}: {n}" for g, n in sorted(Counter(c.generator for c in carriers).items())))
     counts: dict[float, list[np.ndarray]] = defaultdict(list)
     with ShardWriter(shard, attrs=probe_attrs(spec, out_dir, base, trained, seed), top_k=probe.top_k,
-                     token_columns=token_columns, rollout_columns=ROLLOUT_COLUMNS) as writer:
+                     token_columns=TOKEN_COLUMNS, rollout_columns=ROLLOUT_COLUMNS) as writer:
         show = sys.stderr.isatty()
         for index, carrier in enumerate(tqdm(carriers, desc="probe", unit="carrier", disable=not show)):
             for extra, cols in probe_carrier(base, trained, carrier, probe, np.random.default_rng([seed, 2, index])):
                 row = {"problem_id": carrier.problem_id, "sample_idx": index, "step": 0, "kind": "probe",
                        "reward": carrier.reward, "seed": seed, "weight_version": 0,
                        "prompt_text": carrier.prompt_text,
-                       "response_text": "".join(base.tokenizer.decode([t]) for t in carrier.response_ids),
                        "generator": carrier.generator, "carrier_source": carrier.source,
                        "length_bin": int(carrier.length_bin), **extra}
                 writer.append(row, cols)
@@ -526,13 +535,6 @@ def run_probe(spec: Spec, out_dir: str | Path) -> Path:
              sum(len(np.concatenate(v)) for v in counts.values()) // max(len(counts), 1),
              time.monotonic() - t0, shard)
     return shard
-
-
-def _count(items) -> dict[str, int]:
-    out: dict[str, int] = defaultdict(int)
-    for item in items:
-        out[item] += 1
-    return dict(out)
 
 
 __all__ = ["run_probe", "Carrier", "check_probe_spec", "check_same_tokenizer", "load_probe_models",

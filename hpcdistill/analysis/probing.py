@@ -276,6 +276,7 @@ def rank_table_headers(trained_label: str = "Trained") -> list[str]:
 # What the report keeps per position (derived from the shard's columns in `_position_columns`).
 DELTAS = {  # name in the tables -> (trained column, base column)
     "Δ top-1": ("trained_at_base_top1", "base_top1"),
+    "Δ own top-1": ("trained_top1", "base_top1"),  # each model's own top token
     "Δ nucleus": ("trained_nucleus_size", "base_nucleus_size"),
     "Δ tail": ("trained_tail_mass", "base_tail_mass"),
     "Δ entropy": ("entropy_t", "entropy_s"),
@@ -350,13 +351,24 @@ def _subcategory_names(cols: dict[str, np.ndarray]) -> np.ndarray:
     return names
 
 
-def collect(paths: list[Path], *, num_examples: int = 1, context_chars: int = 240) -> ProbeCollection:
-    """Read every probe rollout (kind "probe") under `paths`, streaming one shard at a time."""
+def _top_tokens(ids: np.ndarray, lps: np.ndarray, token_text: dict[str, str]) -> list[tuple[str, float]]:
+    """(text, probability) of the first RANK_TABLE_SIZE of a top-k list ([k] ids, [k] log-probs)."""
+    return [(token_text.get(str(int(t)), f"<{int(t)}>"), float(np.exp(lp)))
+            for t, lp in zip(ids[:RANK_TABLE_SIZE], lps[:RANK_TABLE_SIZE])]
+
+
+def collect(paths: list[Path], *, num_examples: int | None = None, context_chars: int = 240) -> ProbeCollection:
+    """Read every probe rollout (kind "probe") under `paths`, streaming one shard at a time.
+
+    Keeps the `num_examples` best examples per (temperature, sub-category); None = the shard's
+    `probe_num_examples` attr (the spec's `probe.num_examples`), else 1.
+    """
     out = ProbeCollection()
     tie = 0
     for reader in iter_shards(paths, skipped=out.skipped):
         if "base_class" not in reader.token_columns:
             continue  # not a probe shard
+        keep = int(reader.attrs.get("probe_num_examples", 1)) if num_examples is None else num_examples
         out.trained_label = str(reader.attrs.get("probe_trained_label", out.trained_label))
         out.models = (str(reader.attrs.get("student_model", "")), str(reader.attrs.get("teacher_model", "")))
         for record in reader.iter_rollouts():
@@ -368,7 +380,7 @@ def collect(paths: list[Path], *, num_examples: int = 1, context_chars: int = 24
             cols = _position_columns(tokens)
             for name, values in cols.items():
                 out.columns[temperature][name].append(values)
-            if num_examples <= 0:
+            if keep <= 0:
                 continue
             delta = cols["trained_at_base_top1"] - cols["base_top1"]
             names = _subcategory_names(cols)
@@ -378,18 +390,16 @@ def collect(paths: list[Path], *, num_examples: int = 1, context_chars: int = 24
                 category = str(names[i])
                 score = EXAMPLE_SCORES[category] * float(delta[i])
                 heap = out.examples.setdefault((temperature, category), [])
-                if len(heap) >= num_examples and score <= heap[0][0]:
+                if len(heap) >= keep and score <= heap[0][0]:
                     continue
                 offset = int(tokens["char_offset"][i])
-                top = lambda ids, lps: [(token_text.get(str(int(t)), f"<{int(t)}>"), float(np.exp(lp)))  # noqa: E731
-                                        for t, lp in zip(ids[:RANK_TABLE_SIZE], lps[:RANK_TABLE_SIZE])]
                 example = Example(category, score, float(delta[i]), text[max(0, offset - context_chars):offset],
                                   text[offset:offset + 40],
-                                  top(tokens["student_topk_ids"][i], tokens["student_topk_lp"][i]),
-                                  top(tokens["teacher_topk_ids"][i], tokens["teacher_topk_lp"][i]),
+                                  _top_tokens(tokens["student_topk_ids"][i], tokens["student_topk_lp"][i], token_text),
+                                  _top_tokens(tokens["teacher_topk_ids"][i], tokens["teacher_topk_lp"][i], token_text),
                                   row["problem_id"], str(row.get("generator", "")), int(tokens["position"][i]))
                 tie += 1
-                if len(heap) >= num_examples:
+                if len(heap) >= keep:
                     heapq.heapreplace(heap, (score, tie, example))
                 else:
                     heapq.heappush(heap, (score, tie, example))
@@ -513,9 +523,10 @@ def plot_top1_scatter(result: ProbeCollection, path: Path) -> Path:
 
 
 def probe_report(paths: list[Path], out_dir: Path, print_tables: bool = False, *,
-                 num_examples: int = 1) -> list[str]:
+                 num_examples: int | None = None) -> list[str]:
     """Markdown sections of the lock/fork probe over the probe shards under `paths` ([] when there
-    are none); writes the figures into `out_dir`; prints the tables when `print_tables`."""
+    are none); writes the figures into `out_dir`; prints the tables when `print_tables`.
+    `num_examples` rank tables per sub-category and temperature (None = the spec's value)."""
     result = collect(paths, num_examples=num_examples)
     if not result.columns:
         return []
@@ -540,7 +551,8 @@ def probe_report(paths: list[Path], out_dir: Path, print_tables: bool = False, *
             headers = rank_table_headers(result.trained_label)
             sections.append(f"#### {title}\n\n```text\n{context}\n```\n\n{markdown_table(headers, rows)}\n")
             if print_tables:
-                print(f"\n{title}\n  …{context[-160:]!r}\n{format_table(headers, rows)}")
+                flat = context[-200:].replace("\n", "⏎")
+                print(f"\n{title}\n  {flat}\n{format_table(headers, rows)}")
     for fig in (plot_deltas(result, out_dir / "probe_top1_delta.png"),
                 plot_top1_scatter(result, out_dir / "probe_top1_scatter.png")):
         sections.append(f"![{fig.stem}]({fig.name})\n")

@@ -208,9 +208,49 @@ class ProbeSpec:
 
 @dataclass(frozen=True)
 class LoopSpec:
-    """Looped context distillation with prompt optimization (seed 004 sections 6.3, 6.5)."""
+    """Looped context distillation with prompt optimization (seed 004 sections 6.3, 6.5).
+
+    `hpcdistill loop SPEC` (hpcdistill.train.prompt_loop), per round: GEPA evolves the teacher
+    system prompt, each candidate scored by the current student WITH it on the validation split;
+    the best `top_k_prompts` each drive a context-distillation sweep; the distilled students are
+    scored WITHOUT the teacher context on the same split; the best one is the next round's student.
+    Layout: <output_dir>/<name>/{record_file, spec.toml, round01-<key>/{gepa/, distill.toml,
+    distill/<run_id>/...}}, <key> hashing the loop spec, the round and its student.
+    """
 
     rounds: int = opt(2, ge=1)
+    # -- GEPA (seed 6.3.2): what it evolves, its budget and search settings
+    seed_prompt: str = ""  # round 1's starting prompt; "" = teacher.system_prompt. Later rounds
+    #                        start from the previous round's chosen prompt.
+    candidates: int = opt(8, ge=1)  # stop once GEPA holds this many prompts (seed prompt included)
+    max_metric_calls: int = opt(2000, ge=1)  # and at most this many per-problem evaluations a round
+    reflection_minibatch_size: int = opt(10, ge=1)
+    candidate_selection: Literal["pareto", "current_best", "epsilon_greedy", "top_k_pareto"] = "pareto"
+    # GEPA keeps a child prompt when its minibatch score beats (or, "improvement_or_equal", ties)
+    # its parent's; ties are the rule when every reward is 0, as with a tiny model.
+    acceptance: Literal["strict_improvement", "improvement_or_equal"] = "strict_improvement"
+    use_merge: bool = False
+    train_split: str = "train"  # problems GEPA reflects on (minibatches)
+    train_num_problems: int = opt(500, ge=1)
+    val_split: str = "validation"  # problems every candidate and distilled student is scored on
+    val_num_problems: int = opt(200, ge=1)
+    eval_samples: int = opt(1, ge=1)  # samples per validation problem (score = mean reward)
+    eval_temperature: float = opt(1.0, ge=0)
+    eval_max_new_tokens: int | None = opt(None, ge=1)  # None = rollout.max_new_tokens
+    # -- the reflection model that proposes new prompts: "local" = the current student through
+    # hpcdistill.models.generation; else a model name at an OpenAI-compatible endpoint.
+    reflection_model: str = "local"
+    reflection_base_url: str | None = None  # e.g. "https://api.openai.com/v1"
+    reflection_api_key_env: str | None = None  # NAME of the variable holding the key, never the key
+    reflection_max_tokens: int = opt(2048, ge=1)
+    reflection_temperature: float = opt(1.0, ge=0)
+    # -- distillation: the best k prompts (by direct score) each drive a run per seed
+    top_k_prompts: int = opt(2, ge=1)
+    keep_student_if_worse: bool = False  # True: a round whose best distilled student scores below
+    #                                      the current student keeps the current one
+    # -- output
+    record_file: str = opt("loop.json", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*\.json$")
+    keep_gepa_state: bool = True  # keep each round's GEPA run_dir (state, log) for inspection
 
 
 @dataclass(frozen=True)

@@ -311,9 +311,13 @@ def write_items(writer, items: list[Item], seed: int, step: int, tokenizer=None,
         tokens = item.tokens()
         if masks is not None and index in masks:
             tokens["mask"] = np.asarray(masks[index], dtype=np.float32)
-        if tokenizer is not None and item.kind == "original" and len(tokens["ids"]):
-            tokens["segment_id"] = segment_ids(tokenizer, tokens["ids"])
-        writer.append(item.row(seed, step), tokens)
+        row = item.row(seed, step)
+        if tokenizer is not None:
+            prompt = item.teacher_seq[0] if item.kind == "regenerated" else item.student_seq[0]
+            row["prompt_text"] = tokenizer.decode(prompt)
+            if item.kind == "original" and len(tokens["ids"]):
+                tokens["segment_id"] = segment_ids(tokenizer, tokens["ids"])
+        writer.append(row, tokens)
 
 
 def _token_mean(arrays: list[np.ndarray]) -> float:
