@@ -82,7 +82,7 @@ def cmd_submit(args) -> int:
             for script in render_script(loaded, runs):
                 print(script)
         return 0
-    result = submit(loaded, executor=executor, runs=runs, force=args.force, wait=args.wait)
+    result = submit(loaded, executor=executor, runs=runs, force=args.force, wait=True if args.wait else None)
     print(f"{len(result.submitted)} runs submitted, {len(result.skipped)} skipped "
           f"(completed or queued) with the {executor} executor")
     if result.array_ids:
