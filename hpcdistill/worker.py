@@ -52,12 +52,23 @@ def _attach_log(paths: RunPaths) -> logging.Handler:
     root = logging.getLogger("hpcdistill")
     root.addHandler(handler)
     root.setLevel(logging.INFO)
-    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-               for h in root.handlers):
+    # In a submitted task nothing has configured logging: add stderr (submitit's log file). Under
+    # `hpcdistill submit --executor debug` the CLI's root handler already prints.
+    if not root.handlers[:-1] and not logging.getLogger().handlers:
         stream = logging.StreamHandler(sys.stderr)
         stream.setFormatter(handler.formatter)
         root.addHandler(stream)
     return handler
+
+
+def _set_threads(spec) -> None:
+    """torch's CPU threads = the CPUs this task was given (Slurm's, else launch.cpus_per_task)."""
+    import torch
+
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK") or spec.launch.cpus_per_task
+    if cpus:
+        torch.set_num_threads(max(1, int(cpus)))
+    log.info("torch uses %d CPU threads", torch.get_num_threads())
 
 
 def run(run_dir: str | Path) -> dict:
@@ -77,6 +88,7 @@ def run(run_dir: str | Path) -> dict:
         start = time.monotonic()
         try:
             spec = load_spec(paths.spec).spec
+            _set_threads(spec)
             roles = assign_roles(spec.launch.gpus, os.environ)
             names = [*spec.launch.pass_env, *(spec.launch.container.pass_env if spec.launch.container else [])]
             # Which named variables reached the task (names and presence only, never values).

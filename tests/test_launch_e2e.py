@@ -56,6 +56,7 @@ top_k = 4
 executor = "local"
 time = "00:10:00"
 array_parallelism = 12
+cpus_per_task = 1
 pass_env = ["WANDB_API_KEY"]
 """
 

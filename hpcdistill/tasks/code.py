@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import re
+import warnings
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,7 +263,9 @@ class CodeTask:
             feedback = "No code found in the response: expected the program in a ```python block."
             return Verdict(0.0, False, feedback, {"code_found": False, "tests": [], "private_reward": 0.0})
         try:
-            compile(code, "main.py", "exec")
+            with warnings.catch_warnings():  # the model's code may warn; that is not our output
+                warnings.simplefilter("ignore")
+                compile(code, "main.py", "exec")
         except (SyntaxError, ValueError) as e:
             error = "".join(traceback.format_exception_only(type(e), e)).rstrip()
             feedback = f"Passed 0 of {len(public)} public tests.\n\nCompilation error:\n{error}"
