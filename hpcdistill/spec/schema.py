@@ -63,6 +63,9 @@ class RolloutSpec:
     top_k: int = opt(0, ge=0)  # 0 = no top-k truncation while sampling
     batch_size: int = opt(8, ge=1)
     system_prompt: str = ""  # the student's system prompt ("" = none)
+    # backend = "vllm": the Python that runs vLLM's server ($HPCDISTILL_VLLM_PYTHON overrides it)
+    vllm_python: str = "python3"
+    vllm_startup_timeout_s: float = opt(600.0, gt=0)
 
 
 @dataclass(frozen=True)
@@ -232,8 +235,10 @@ class LoopSpec:
     use_merge: bool = False
     train_split: str = "train"  # problems GEPA reflects on (minibatches)
     train_num_problems: int = opt(500, ge=1)
-    val_split: str = "validation"  # problems every candidate and distilled student is scored on
+    train_seed: int = opt(0, ge=0)  # the task's problem-generation seed for these
+    val_split: str = "test"  # problems every candidate and distilled student is scored on ...
     val_num_problems: int = opt(200, ge=1)
+    val_seed: int = opt(1, ge=0)  # ... generated with this seed: held out from eval.split's (seed 0)
     eval_samples: int = opt(1, ge=1)  # samples per validation problem (score = mean reward)
     eval_temperature: float = opt(1.0, ge=0)
     eval_max_new_tokens: int | None = opt(None, ge=1)  # None = rollout.max_new_tokens

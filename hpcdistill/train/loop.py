@@ -9,7 +9,10 @@ the steps whose shard exists, so a preempted run never duplicates or drops a ste
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from pathlib import Path
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +43,80 @@ TINY_PREFIX = "tiny-random:"
 class Models:
     student: ModelHandle
     teacher: ModelHandle  # the same object as `student` when model.teacher = "same"
+    rollout_server: Any = None  # a VLLMServer when rollout.backend = "vllm"
+
+    @property
+    def weight_version(self) -> int | None:
+        """The weights the rollout engine samples with (the server's version), if it tracks one."""
+        return None if self.rollout_server is None else self.rollout_server.weight_version
+
+
+def save_for_serving(model, tokenizer, directory: Path) -> Path:
+    """The student's current weights as a folder vLLM can serve and reload, written atomically.
+
+    Tied input/output embeddings are written untied (lm_head.weight a copy of the embedding, the
+    config saying so): vLLM's in-place weight reload updates the embedding but not a tied lm_head
+    (measured: a 0.9-nat sampler/trainer gap after one reload), so the served model must not tie.
+    """
+    import copy
+    import shutil
+
+    from safetensors.torch import save_file
+
+    if hasattr(model, "merge_and_unload"):  # LoRA: serve the merged weights
+        model = copy.deepcopy(model).merge_and_unload()
+    state = {name: tensor.detach().to("cpu").clone().contiguous() for name, tensor in model.state_dict().items()}
+    state["lm_head.weight"] = model.get_output_embeddings().weight.detach().to("cpu").clone().contiguous()
+    config = copy.deepcopy(model.config)
+    config.tie_word_embeddings = False
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+    return directory
+
+
+@contextlib.contextmanager
+def rollout_engine(spec: Spec, models: Models, paths: RunPaths):
+    """Start the rollout role's engine for the run (vLLM's server) and stop it on every exit."""
+    if spec.rollout.backend != "vllm":
+        yield models
+        return
+    from hpcdistill.models.vllm_backend import VLLMServer, resolve_vllm_python
+
+    served = save_for_serving(models.student.model, models.student.tokenizer, paths.root / "rollout_weights")
+    server = VLLMServer(served, python=resolve_vllm_python(spec.rollout.vllm_python),
+                        dtype="float32" if spec.model.dtype == "float32" else spec.model.dtype,
+                        max_logprobs=max(20, spec.scoring.top_k), log_path=paths.root / "vllm.log",
+                        startup_timeout_s=spec.rollout.vllm_startup_timeout_s)
+    with server:
+        models.rollout_server = server
+        try:
+            yield models
+        finally:
+            models.rollout_server = None
+
+
+def sample_student(spec: Spec, models: Models, prompts: list[list[int]], *, seed: int,
+                   prefixes: list[list[int]] | None = None, temperature: float | None = None,
+                   n: int | None = None, max_new_tokens: int | None = None) -> list[list[Any]]:
+    """The student's rollouts on the rollout backend: transformers in process, or vLLM's server."""
+    ro = spec.rollout
+    kwargs = dict(n=n or ro.samples_per_problem, max_new_tokens=max_new_tokens or ro.max_new_tokens,
+                  temperature=ro.temperature if temperature is None else temperature, top_p=ro.top_p,
+                  top_k=ro.top_k, seed=seed, prefix_ids=prefixes)
+    if models.rollout_server is not None:
+        from hpcdistill.models.vllm_backend import generate_vllm
+
+        return generate_vllm(models.rollout_server, prompts,
+                             stop_token_ids=models.student.stop_token_ids, **kwargs)
+    return generate(models.student, prompts, batch_size=ro.batch_size, **kwargs)
 
 
 def resolve_device(spec: Spec, roles: RoleDevices) -> str:
@@ -82,11 +159,13 @@ def token_sets(spec: Spec, tokenizer) -> dict[str, list[int]]:
 
 def shard_columns(spec: Spec) -> dict[str, str]:
     """Extra per-token columns this spec records (registered with the shard writer)."""
-    if not spec.scoring.full_vocab or not spec.scoring.backtrack_words:
-        return {}
-    words = ", ".join(repr(w) for w in spec.scoring.backtrack_words)
-    return {f"{side}_mass_backtrack": f"{side}'s probability mass on backtracking tokens ({words})"
-            for side in ("student", "teacher")}
+    columns = {"sampler_gap": "rollout engine's log p of the sampled token minus the trainer's "
+                              "recomputation (nats); original rollouts only"}
+    if spec.scoring.full_vocab and spec.scoring.backtrack_words:
+        words = ", ".join(repr(w) for w in spec.scoring.backtrack_words)
+        columns |= {f"{side}_mass_backtrack": f"{side}'s probability mass on backtracking tokens ({words})"
+                    for side in ("student", "teacher")}
+    return columns
 
 
 def shard_attrs(spec: Spec, paths: RunPaths, models: Models, step: int) -> dict[str, Any]:
@@ -121,6 +200,8 @@ class Item:
     verdict: Verdict
     scores: TokenScores
 
+    weight_version: int | None = None  # the rollout engine's weights; None = the step's
+
     def row(self, seed: int, step: int) -> dict[str, Any]:
         return {
             "problem_id": self.problem.problem_id,
@@ -129,7 +210,7 @@ class Item:
             "kind": self.kind,
             "reward": float(self.verdict.reward),
             "seed": seed,
-            "weight_version": step,
+            "weight_version": step if self.weight_version is None else self.weight_version,
             "response_text": self.text,
             "feedback": self.verdict.feedback,
         }
@@ -153,6 +234,9 @@ class Item:
         out.update(s.token_mass or {})
         if self.kind == "original":
             out["sampler_lp"] = np.asarray(self.generation.sampler_lp[:n], dtype=np.float32)
+            # the rollout engine's log p of each sampled token minus the trainer's recomputation:
+            # ~0 when both run the same weights; a weight-sync or numerics mismatch shows here
+            out["sampler_gap"] = np.asarray(self.generation.sampled_lp[:n], dtype=np.float32) - s.student_lp
         return out
 
 
@@ -222,10 +306,7 @@ def collect_step(spec: Spec, models: Models, problems: list[Problem], step: int,
     # 1. rollout: N samples per problem from the student.
     prompts = [render_prompt(tok, contexts.student_messages(p, ro.system_prompt)) for p in problems]
     t0 = time.monotonic()
-    generations = generate(models.student, prompts, n=ro.samples_per_problem,
-                           max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
-                           top_p=ro.top_p, top_k=ro.top_k, seed=step_seed(seed, step, 0),
-                           batch_size=ro.batch_size, prefix_ids=prefixes)
+    generations = sample_student(spec, models, prompts, seed=step_seed(seed, step, 0), prefixes=prefixes)
     rollout_s = time.monotonic() - t0
     flat = [(p, i, g) for p, gens in zip(problems, generations) for i, g in enumerate(gens)]
     texts = [tok.decode(g.response_ids, skip_special_tokens=True) for _, _, g in flat]
@@ -244,7 +325,7 @@ def collect_step(spec: Spec, models: Models, problems: list[Problem], step: int,
                             top_k=sc.top_k, full_vocab=sc.full_vocab, chunk_size=sc.chunk_size,
                             batch_size=sc.batch_size, token_sets=sets)
     scoring_s = time.monotonic() - t0
-    items = [Item(p, i, "original", ss, ts, g, text, v, s) for (p, i, g), ss, ts, text, v, s
+    items = [Item(p, i, "original", ss, ts, g, text, v, s, models.weight_version) for (p, i, g), ss, ts, text, v, s
              in zip(flat, student_seqs, teacher_seqs, texts, verdicts, scores)]
     metrics = {
         "reward_mean": float(np.mean([v.reward for v in verdicts])),
@@ -355,8 +436,9 @@ def run_pipeline(spec: Spec, paths: RunPaths, roles: RoleDevices) -> dict[str, A
         return {"steps_done": 1, "skipped": [0]}
     models = load_models(spec, roles)
     paths.shards.mkdir(parents=True, exist_ok=True)
-    with ShardWriter(shard, attrs=shard_attrs(spec, paths, models, 0), top_k=spec.scoring.top_k,
-                     token_columns=shard_columns(spec)) as writer:
+    with rollout_engine(spec, models, paths), \
+            ShardWriter(shard, attrs=shard_attrs(spec, paths, models, 0), top_k=spec.scoring.top_k,
+                        token_columns=shard_columns(spec)) as writer:
         items, metrics = collect_step(spec, models, problems, 0)
         write_items(writer, items, spec.seeds[0], 0, models.student.tokenizer)
         writer.add_metrics(0, metrics)

@@ -37,7 +37,8 @@ from hpcdistill.spec.schema import Spec
 from hpcdistill.tasks import Problem
 from hpcdistill.train.loop import (Item, Models, collect_step, collect_teacher_completions, load_eval_problems,
                                    load_models, load_problems, shard_attrs, shard_columns, step_seed,
-                                   teacher_prefixes, write_items)
+                                   rollout_engine, sample_student, save_for_serving, teacher_prefixes,
+                                   write_items)
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +255,6 @@ def evaluate(spec: Spec, models: Models, problems: list[Problem], step: int) -> 
     """Stage 8: accuracy of the student alone (no teacher context) at each eval temperature."""
     from hpcdistill.distill import contexts
     from hpcdistill.models.chat import render_prompt
-    from hpcdistill.models.generation import generate
     from hpcdistill.tasks import get_task
 
     task = get_task(spec.task.name)
@@ -262,10 +262,9 @@ def evaluate(spec: Spec, models: Models, problems: list[Problem], step: int) -> 
     prompts = [render_prompt(tok, contexts.student_messages(p, spec.rollout.system_prompt)) for p in problems]
     metrics = {}
     for index, temperature in enumerate(spec.eval.temperatures):
-        gens = generate(models.student, prompts, n=spec.eval.samples,
-                        max_new_tokens=spec.eval.max_new_tokens or spec.rollout.max_new_tokens,
-                        temperature=temperature, top_p=spec.rollout.top_p, top_k=spec.rollout.top_k,
-                        seed=step_seed(spec.seeds[0], step, 100 + index), batch_size=spec.rollout.batch_size)
+        gens = sample_student(spec, models, prompts, seed=step_seed(spec.seeds[0], step, 100 + index),
+                              temperature=temperature, n=spec.eval.samples,
+                              max_new_tokens=spec.eval.max_new_tokens or spec.rollout.max_new_tokens)
         verdicts = [task.verify(p, tok.decode(g.response_ids, skip_special_tokens=True),
                                 timeout_s=spec.task.timeout_s, memory_mb=spec.task.memory_mb)
                     for p, samples in zip(problems, gens) for g in samples]
@@ -307,51 +306,76 @@ def run_training(spec: Spec, paths: RunPaths, roles: RoleDevices) -> dict[str, A
     if last_done >= 0:
         log.info("resuming after step %d from %s", last_done, paths.checkpoint)
     paths.shards.mkdir(parents=True, exist_ok=True)
-    seed, steps = spec.seeds[0], spec.train.steps
-    for step in range(last_done + 1, steps + 1):
-        t0 = time.monotonic()
-        step_plan = schedules.plan(spec.train, step)
-        batch = step_problems(spec, problems, step)
-        attrs = shard_attrs(spec, paths, models, step) | {"initial_weights_sha256": initial_checksum,
-                                                          "method": spec.train.method}
-        with ShardWriter(paths.shard(step), attrs=attrs, top_k=spec.scoring.top_k,
-                         token_columns=shard_columns(spec)) as writer:
-            prefixes = (teacher_prefixes(spec, models, batch, step, step_plan.seed_tokens)
-                        if step_plan.seed_tokens > 0 and step < steps else None)
-            items, metrics = collect_step(spec, models, batch, step, prefixes=prefixes)
-            off_items: list[Item] = []
-            if step_plan.needs_teacher_completions and step < steps:
-                # replay_buffer replays the batch stored at its first injection (stream 4, step 0);
-                # the other methods take fresh teacher completions every step.
-                stored = spec.train.method == "replay_buffer"
-                off_items, off_metrics = collect_teacher_completions(
-                    spec, models, problems if stored else batch, 0 if stored else step,
-                    seed_stream=4 if stored else 3)
-                metrics |= off_metrics
-            if eval_due(spec, step):
-                t_eval = time.monotonic()
-                metrics |= evaluate(spec, models, eval_problems, step)
-                metrics["eval_seconds"] = time.monotonic() - t_eval
-            originals = [i for i, it in enumerate(items) if it.kind == "original"]
-            weights = supervision_masks(spec, [items[i] for i in originals], models.student.tokenizer, step)
-            for w, i in zip(weights, originals):  # teacher-written prefix tokens are not the student's
-                w[:items[i].generation.num_prefix_tokens] = 0.0
-            if step < steps:
-                t_train = time.monotonic()
-                metrics |= update(spec, models, optimizer, [items[i] for i in originals], weights,
-                                  step_plan, off_items, reference)
-                metrics["train_seconds"] = time.monotonic() - t_train
-            write_items(writer, items + off_items, seed, step, models.student.tokenizer,
-                        masks=dict(zip(originals, weights)))
-            metrics["step_seconds"] = time.monotonic() - t0
-            writer.add_metrics(step, metrics)
-        if step < steps and (step + 1) % spec.train.checkpoint_every == 0 or step == steps - 1:
-            save_checkpoint(paths, step, model, optimizer)
-        log.info("step %d/%d: %s", step, steps, ", ".join(
-            f"{k}={v:.4g}" for k, v in metrics.items() if not k.endswith("seconds")))
+    with rollout_engine(spec, models, paths):
+        if last_done >= 0:  # the engine starts on the initial weights: serve the resumed ones
+            sync_rollout_weights(paths, models, last_done + 1)
+        for step in range(last_done + 1, spec.train.steps + 1):
+            metrics = train_step(spec, paths, models, problems, eval_problems, optimizer, reference,
+                                 initial_checksum, step)
+            log.info("step %d/%d: %s", step, spec.train.steps, ", ".join(
+                f"{k}={v:.4g}" for k, v in metrics.items() if not k.endswith("seconds")))
     if spec.train.save_model:
         save_model(paths, models)
-    return {"steps_done": steps + 1, "initial_weights_sha256": initial_checksum}
+    return {"steps_done": spec.train.steps + 1, "initial_weights_sha256": initial_checksum}
+
+
+def train_step(spec: Spec, paths: RunPaths, models: Models, problems: list[Problem],
+               eval_problems: list[Problem], optimizer: torch.optim.Optimizer,
+               reference: torch.nn.Module | None, initial_checksum: str, step: int) -> dict[str, float]:
+    """One step: collect at w_step, mask, update to w_{step+1}, record; then checkpoint and sync."""
+    model = models.student.model
+    seed, steps = spec.seeds[0], spec.train.steps
+    t0 = time.monotonic()
+    step_plan = schedules.plan(spec.train, step)
+    batch = step_problems(spec, problems, step)
+    attrs = shard_attrs(spec, paths, models, step) | {"initial_weights_sha256": initial_checksum,
+                                                      "method": spec.train.method}
+    with ShardWriter(paths.shard(step), attrs=attrs, top_k=spec.scoring.top_k,
+                     token_columns=shard_columns(spec)) as writer:
+        prefixes = (teacher_prefixes(spec, models, batch, step, step_plan.seed_tokens)
+                    if step_plan.seed_tokens > 0 and step < steps else None)
+        items, metrics = collect_step(spec, models, batch, step, prefixes=prefixes)
+        off_items: list[Item] = []
+        if step_plan.needs_teacher_completions and step < steps:
+            # replay_buffer replays one stored batch (the step-0 draw of stream 4, regenerated
+            # identically from its seed); the other methods take fresh teacher completions.
+            stored = spec.train.method == "replay_buffer"
+            off_items, off_metrics = collect_teacher_completions(
+                spec, models, problems if stored else batch, 0 if stored else step,
+                seed_stream=4 if stored else 3)
+            metrics |= off_metrics
+        if eval_due(spec, step):
+            t_eval = time.monotonic()
+            metrics |= evaluate(spec, models, eval_problems, step)
+            metrics["eval_seconds"] = time.monotonic() - t_eval
+        originals = [i for i, it in enumerate(items) if it.kind == "original"]
+        weights = supervision_masks(spec, [items[i] for i in originals], models.student.tokenizer, step)
+        for w, i in zip(weights, originals):  # teacher-written prefix tokens are not the student's
+            w[:items[i].generation.num_prefix_tokens] = 0.0
+        if step < steps:
+            t_train = time.monotonic()
+            metrics |= update(spec, models, optimizer, [items[i] for i in originals], weights,
+                              step_plan, off_items, reference)
+            metrics["train_seconds"] = time.monotonic() - t_train
+        write_items(writer, items + off_items, seed, step, models.student.tokenizer,
+                    masks=dict(zip(originals, weights)))
+        metrics["step_seconds"] = time.monotonic() - t0
+        writer.add_metrics(step, metrics)
+    if step < steps:
+        if (step + 1) % spec.train.checkpoint_every == 0 or step == steps - 1:
+            save_checkpoint(paths, step, model, optimizer)
+        sync_rollout_weights(paths, models, step + 1)
+    return metrics
+
+
+def sync_rollout_weights(paths: RunPaths, models: Models, version: int) -> None:
+    """After an update: the rollout engine serves the new weights, as version `version`."""
+    server = models.rollout_server
+    if server is None:
+        return
+    directory = save_for_serving(models.student.model, models.student.tokenizer, paths.root / "rollout_weights")
+    seconds = server.load_weights(directory, version)
+    log.info("rollout engine now serves weights version %d (%.1f s)", version, seconds)
 
 
 def save_model(paths: RunPaths, models: Models) -> None:
