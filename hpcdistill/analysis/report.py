@@ -100,9 +100,14 @@ def analyze_sweep(sweep_dir: str | Path, *, print_tables: bool = True) -> Path:
         sections.append(f"![method curves]({fig.name})\n")
         if print_tables:
             print(f"figure: {fig}")
+    from hpcdistill.analysis.context_distill import context_distill_report, loop_report
     from hpcdistill.analysis.probing import probe_report
 
     sections += probe_report([sweep_dir], out_dir, print_tables=print_tables)
+    if any(r.spec.get("train", {}).get("objective") == "context_distill" for r in runs.values()):
+        sections += context_distill_report(sweep_dir, out_dir, print_tables)
+    if (sweep_dir / "loop.json").exists():
+        sections += loop_report(sweep_dir, out_dir, print_tables)
     if result.skipped:
         lines = "\n".join(f"- `{path}`: {reason}" for path, reason in result.skipped)
         sections.append(f"## Skipped shards\n\n{lines}\n")
