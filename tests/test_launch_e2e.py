@@ -154,7 +154,7 @@ def test_failed_run_is_resubmitted_alone(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_interrupted_local_task_is_requeued_and_resumes_from_its_last_step(tmp_path):
-    spec = make_spec(tmp_path, "preempt", '[train]\nsteps = 4\nlr = 1e-3\n')
+    spec = make_spec(tmp_path, "preempt", '[train]\nsteps = 20\nlr = 1e-3\n')
     loaded = load_spec(spec)
     result = submit(loaded, executor="local", wait=False)
     (job,) = result.jobs
@@ -165,19 +165,21 @@ def test_interrupted_local_task_is_requeued_and_resumes_from_its_last_step(tmp_p
         assert job.state in ("RUNNING", "UNKNOWN"), job.state
         time.sleep(0.2)
     first_shard_mtime = paths.shard(0).stat().st_mtime_ns
-    job._interrupt()  # submitit's preemption signal: checkpoint, then requeue
+    # The preemption signal, delivered to the task as Slurm's --signal=USR2 does (submitit's
+    # LocalJob._interrupt signals the local controller, which does not forward USR2).
+    subprocess.run(["pkill", "-USR2", "-P", str(job._process.pid)], check=True)
     job.result()
     status = read_json(paths.status)
     assert status["state"] == "completed" and status["attempts"] == 2
-    assert sorted(p.name for p in paths.shards.glob("*.h5")) == [f"step_{k:06d}.h5" for k in range(5)]
+    assert sorted(p.name for p in paths.shards.glob("*.h5")) == [f"step_{k:06d}.h5" for k in range(21)]
     assert paths.shard(0).stat().st_mtime_ns == first_shard_mtime  # not redone
     log = paths.log.read_text()
     assert "resuming after step" in log
     steps = []
-    for k in range(5):
+    for k in range(21):
         with ShardReader(paths.shard(k)) as shard:
             steps += list(shard.rollouts()["step"])
-    assert steps == [0, 1, 2, 3, 4]  # every step once
+    assert steps == list(range(21))  # every step once
 
 
 # ---------------------------------------------------------------------------- slurm
@@ -246,7 +248,7 @@ def test_slurm_sweep_of_12_runs_is_one_job_array_and_every_task_completes(slurm,
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_preempted_slurm_task_is_requeued_and_resumes(slurm, tmp_path):
-    spec = make_spec(tmp_path, "slurm-preempt", '[train]\nsteps = 4\nlr = 1e-3\n')
+    spec = make_spec(tmp_path, "slurm-preempt", '[train]\nsteps = 20\nlr = 1e-3\n')
     result = submit(load_spec(spec), executor="slurm")
     (job,) = result.jobs
     paths = result.sweep.run(result.runs[0].run_id)
@@ -263,4 +265,47 @@ def test_preempted_slurm_task_is_requeued_and_resumes(slurm, tmp_path):
     status = read_json(paths.status)
     assert status["attempts"] >= 2
     assert paths.shard(0).stat().st_mtime_ns == first_shard_mtime
-    assert sorted(p.name for p in paths.shards.glob("*.h5")) == [f"step_{k:06d}.h5" for k in range(5)]
+    assert sorted(p.name for p in paths.shards.glob("*.h5")) == [f"step_{k:06d}.h5" for k in range(21)]
+
+
+@pytest.mark.slow
+def test_run_killed_mid_way_resumes_with_every_step_once_and_the_same_result(tmp_path):
+    """SIGKILL (no checkpoint signal, as when a node dies), then the worker again on the same run."""
+    import signal
+
+    from hpcdistill.launch.submit import prepare_run_dir
+
+    steps = 8
+    results = {}
+    for label in ("killed", "straight"):
+        (tmp_path / label).mkdir()
+        spec = make_spec(tmp_path / label, "kill", f'[train]\nsteps = {steps}\nlr = 1e-3\n')
+        loaded = load_spec(spec)
+        (run,) = expand(loaded)
+        sweep = SweepPaths.for_spec(tmp_path / label / "runs", "kill")
+        paths = prepare_run_dir(sweep, run, loaded.spec_hash)
+        worker = [sys.executable, "-m", "hpcdistill.worker", str(paths.root)]
+        if label == "killed":
+            proc = subprocess.Popen(worker, start_new_session=True, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 240
+            while not paths.shard(3).exists():
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            assert read_json(paths.status)["state"] == "running"  # died without a trace
+            assert not paths.shard(steps).exists()
+        subprocess.run(worker, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+        status = read_json(paths.status)
+        assert status["state"] == "completed"
+        assert sorted(p.name for p in paths.shards.glob("*.h5")) == [f"step_{k:06d}.h5" for k in range(steps + 1)]
+        assert not list(paths.shards.glob("*.tmp-*"))
+        with ShardReader(paths.shard(steps)) as shard:
+            results[label] = {name: values[0] for name, (_, values) in shard.metrics().items()
+                              if not name.endswith("seconds")}
+            assert list(shard.rollouts()["step"]) == [steps]
+    (log,) = (tmp_path / "killed" / "runs" / "kill").rglob("worker.log")
+    assert "resuming after step" in log.read_text()
+    for name, value in results["straight"].items():
+        assert results["killed"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
