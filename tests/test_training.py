@@ -58,3 +58,44 @@ def test_one_sdpo_step_lowers_the_topk_kl_on_its_batch():
     rescored = score_rollouts(models.student, models.teacher, [it.student_seq for it in items],
                               [it.teacher_seq for it in items], top_k=spec.scoring.top_k, progress=False)
     assert all(len(r.student_lp) == n for r, n in zip(rescored, lengths))
+
+
+@pytest.mark.slow
+def test_lora_run_trains_only_the_adapter_and_saves_a_merged_model(tmp_path):
+    import torch as _torch
+
+    from hpcdistill.launch.submit import submit
+    from hpcdistill.spec import load_spec
+    from hpcdistill.launch.paths import read_json
+
+    spec = tmp_path / "lora.toml"
+    spec.write_text(f"""
+[experiment]
+name = "lora"
+output_dir = "{tmp_path / 'runs'}"
+[model]
+student = "tiny-random:0"
+device = "cpu"
+[task]
+name = "math"
+num_problems = 1
+[rollout]
+samples_per_problem = 2
+max_new_tokens = 6
+[teacher]
+context = "system_prompt"
+system_prompt = "Answer with a number."
+[train]
+steps = 2
+lr = 1e-2
+save_model = true
+lora = {{ enabled = true, rank = 4, alpha = 8.0, target_modules = ["q_proj", "v_proj"] }}
+""")
+    result = submit(load_spec(spec), executor="debug")
+    paths = result.sweep.run(result.runs[0].run_id)
+    assert read_json(paths.status)["state"] == "completed"
+    state = _torch.load(paths.checkpoint / "state.pt", weights_only=True)
+    names = list(state["model"])
+    assert names and all("lora_" in n for n in names)  # only the adapter is trained and saved
+    assert len(names) == 2 * 2 * 2  # A and B, q_proj and v_proj, 2 layers
+    assert (paths.model / "config.json").exists()  # merged into a plain model directory
