@@ -28,6 +28,7 @@ from hpcdistill.analysis.tables import format_table, markdown_table
 from hpcdistill.errors import LaunchError
 from hpcdistill.record import iter_shards
 from hpcdistill.spec.load import get_dotted
+from hpcdistill.spec.sweep import leaves
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,6 @@ class RunMetrics:
         return values[max(values)] if values else None
 
 
-def _leaves(key: str, value: Any) -> list[tuple[str, Any]]:
-    if isinstance(value, dict):
-        return [leaf for k, v in value.items() for leaf in _leaves(f"{key}.{k}", v)]
-    return [(key, value)]
-
-
 def arm_labels(sweep_dir: Path) -> tuple[dict[str, str], dict[str, int]]:
     """(run_id -> arm label, run_id -> seed) from the manifest. An arm is its sweep overrides as
     dotted leaves; one that sets nothing, or only values the base spec already has, is the baseline."""
@@ -72,8 +67,8 @@ def arm_labels(sweep_dir: Path) -> tuple[dict[str, str], dict[str, int]]:
         base.pop("sweep", None)
     labels, seeds = {}, {}
     for run_id, info in runs.items():
-        leaves = [leaf for k, v in sorted(info.get("overrides", {}).items()) for leaf in _leaves(k, v)]
-        changed = [(k, v) for k, v in leaves if get_dotted(base, k, object()) != v]
+        dotted = [leaf for k, v in sorted(info.get("overrides", {}).items()) for leaf in leaves(k, v)]
+        changed = [(k, v) for k, v in dotted if get_dotted(base, k, object()) != v]
         labels[run_id] = ", ".join(f"{k}={_short(v)}" for k, v in changed) or BASELINE
         seeds[run_id] = info.get("seed")
     return labels, seeds

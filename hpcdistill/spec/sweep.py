@@ -115,7 +115,7 @@ def expand(loaded: LoadedSpec, *, force: bool = False) -> list[Run]:
             data = base
             origins = dict(loaded.origins)
             for key, value in overrides.items():
-                for leaf, leaf_value in _leaves(key, value):
+                for leaf, leaf_value in leaves(key, value):
                     data = set_dotted(data, leaf, leaf_value)
                     origins[leaf] = f"{loaded.path} (sweep value {key} = {value!r})"
             try:
@@ -147,10 +147,10 @@ def expand(loaded: LoadedSpec, *, force: bool = False) -> list[Run]:
     return runs
 
 
-def _leaves(key: str, value: Any) -> list[tuple[str, Any]]:
+def leaves(key: str, value: Any) -> list[tuple[str, Any]]:
     """A table-valued sweep entry as the dotted leaves it sets."""
     if isinstance(value, dict):
-        return [leaf for k, v in value.items() for leaf in _leaves(f"{key}.{k}", v)]
+        return [leaf for k, v in value.items() for leaf in leaves(f"{key}.{k}", v)]
     return [(key, value)]
 
 
