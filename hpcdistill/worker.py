@@ -5,12 +5,19 @@ asks for more than the task has, before any model is loaded), runs the pipeline 
 run's state in `status.json`. It is checkpointable: on submitit's preemption/timeout signal the
 task is requeued with the same run directory, and the pipeline resumes from the last completed
 step (every step's shard and checkpoint are written atomically, so nothing is done twice).
+
+With `trainer.strategy = "deepspeed"` or `"fsdp"` the task's process starts the trainer ranks
+(`train.distributed.launch_trainer_processes`: one per trainer GPU, `trainer.nproc` on the CPU),
+each running this same module; the ranks run the pipeline and rank 0 writes the shards, the
+checkpoint metadata, the model and its summary into status.json; the task's process records the
+outcome. Signals reach the ranks through the launcher.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import logging
 import os
 import socket
@@ -21,11 +28,13 @@ from pathlib import Path
 import submitit
 
 from hpcdistill.errors import UserError
-from hpcdistill.launch.gpus import assign_roles
+from hpcdistill.launch.gpus import RoleDevices, assign_roles
 from hpcdistill.launch.paths import RunPaths, read_json, write_json_atomic
 from hpcdistill.spec.load import load_spec
 
 log = logging.getLogger("hpcdistill.worker")
+
+ROLES_ENV = "HPCDISTILL_ROLES"  # the task's GPU roles, as JSON, handed to the trainer ranks
 
 
 def _now() -> str:
@@ -46,9 +55,11 @@ def _set_status(paths: RunPaths, **fields) -> dict:
     return status
 
 
-def _attach_log(paths: RunPaths) -> logging.Handler:
+def _attach_log(paths: RunPaths, rank: int | None = None) -> logging.Handler:
     handler = logging.FileHandler(paths.log)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    where = "" if rank is None else f" rank{rank}"
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s %(name)s{where}: %(message)s"))
+    handler.setLevel(logging.INFO if not rank else logging.WARNING)  # rank 0 speaks for the ranks
     root = logging.getLogger("hpcdistill")
     root.addHandler(handler)
     root.setLevel(logging.INFO)
@@ -57,23 +68,97 @@ def _attach_log(paths: RunPaths) -> logging.Handler:
     if not root.handlers[:-1] and not logging.getLogger().handlers:
         stream = logging.StreamHandler(sys.stderr)
         stream.setFormatter(handler.formatter)
+        stream.setLevel(handler.level)
         root.addHandler(stream)
     return handler
 
 
-def _set_threads(spec) -> None:
-    """torch's CPU threads = the CPUs this task was given (Slurm's, else launch.cpus_per_task)."""
+def _task_cpus(spec) -> int | None:
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK") or spec.launch.cpus_per_task
+    return int(cpus) if cpus else None
+
+
+def _set_threads(spec, ranks: int = 1) -> None:
+    """torch's CPU threads = the CPUs this task was given (Slurm's, else launch.cpus_per_task),
+    shared by the task's trainer ranks."""
     import torch
 
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK") or spec.launch.cpus_per_task
+    cpus = _task_cpus(spec) or (len(os.sched_getaffinity(0)) if ranks > 1 else None)
     if cpus:
-        torch.set_num_threads(max(1, int(cpus)))
+        torch.set_num_threads(max(1, cpus // ranks))
     log.info("torch uses %d CPU threads", torch.get_num_threads())
+
+
+def _run_trainer_ranks(spec, paths: RunPaths, roles: RoleDevices) -> dict:
+    """Start the trainer ranks over the trainer role's devices; rank 0's summary, or an error."""
+    from hpcdistill.train.distributed import TrainerConfig, launch_trainer_processes, trainer_nproc
+
+    nproc = trainer_nproc(TrainerConfig.from_spec(spec), roles.trainer)
+    env = dict(os.environ, **{ROLES_ENV: json.dumps({r: list(getattr(roles, r)) for r in
+                                                     ("rollout", "teacher", "trainer")})})
+    if _task_cpus(spec):
+        env["OMP_NUM_THREADS"] = str(max(1, _task_cpus(spec) // nproc))
+    _set_status(paths, summary=None, trainer={"strategy": spec.trainer.strategy, "ranks": nproc})
+    received: list[int] = []
+    code = launch_trainer_processes(["-m", "hpcdistill.worker", str(paths.root)], roles.trainer, nproc,
+                                    env=env, received=received)
+    status = read_json(paths.status)
+    if code == 0 and status.get("summary") is not None:
+        return status["summary"]
+    if received:  # our handler returned (submitit bypasses SIGTERM): the run was stopped, not failed
+        raise SystemExit(f"trainer ranks stopped by signal {', '.join(str(s) for s in received)}")
+    raise RuntimeError(f"the {nproc} trainer ranks exited with status {code}: "
+                       f"{status.get('error') or 'see ' + str(paths.log)}")
+
+
+def _roles_of_task(spec) -> RoleDevices:
+    """Inside a rank: the task's roles as its process assigned them (the rank itself sees only
+    the trainer GPUs in CUDA_VISIBLE_DEVICES)."""
+    if ROLES_ENV not in os.environ:  # a rank started by hand under torchrun
+        return assign_roles(spec.launch.gpus, os.environ)
+    return RoleDevices(**{role: tuple(ids) for role, ids in json.loads(os.environ[ROLES_ENV]).items()})
+
+
+def _run_rank(paths: RunPaths) -> dict:
+    """Inside one trainer rank: join the group, run the pipeline; rank 0 records the summary."""
+    import torch.distributed as dist
+
+    from hpcdistill.train.distributed import die_with_parent, init_process_group
+
+    die_with_parent()
+    init_process_group()
+    rank = dist.get_rank()
+    handler = _attach_log(paths, rank)
+    try:
+        spec = load_spec(paths.spec).spec
+        _set_threads(spec, ranks=dist.get_world_size())
+        roles = _roles_of_task(spec)
+        from hpcdistill.train.loop import run_pipeline
+
+        summary = run_pipeline(spec, paths, roles)
+        if rank == 0:
+            _set_status(paths, summary=summary)
+        return summary
+    except BaseException as exc:
+        if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            log.exception("run %s failed in rank %d", paths.run_id, rank)
+            if rank == 0:
+                _set_status(paths, error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        logging.getLogger("hpcdistill").removeHandler(handler)
+        handler.close()
 
 
 def run(run_dir: str | Path) -> dict:
     """Run (or resume) one run; returns its final status."""
     paths = RunPaths(Path(run_dir).absolute())
+    from hpcdistill.train.distributed import in_trainer_process
+
+    if in_trainer_process():
+        return _run_rank(paths)
     handler = _attach_log(paths)
     try:
         previous = read_json(paths.status) if paths.status.exists() else {}
@@ -94,9 +179,12 @@ def run(run_dir: str | Path) -> dict:
             # Which named variables reached the task (names and presence only, never values).
             _set_status(paths, roles={r: list(getattr(roles, r)) for r in ("rollout", "teacher", "trainer")},
                         env_passed={name: name in os.environ for name in names})
-            from hpcdistill.train.loop import run_pipeline
+            if spec.trainer.strategy != "single" and spec.train.steps > 0:
+                summary = _run_trainer_ranks(spec, paths, roles)
+            else:
+                from hpcdistill.train.loop import run_pipeline
 
-            summary = run_pipeline(spec, paths, roles)
+                summary = run_pipeline(spec, paths, roles)
         except BaseException as exc:
             interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
             _set_status(paths, state="interrupted" if interrupted else "failed",

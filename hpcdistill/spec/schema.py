@@ -142,6 +142,16 @@ class TrainSpec:
 
 
 @dataclass(frozen=True)
+class TrainerSpec:
+    """Where and how the student is trained (docs/trainer.md). Not science: the same run under
+    another strategy computes the same update (up to float reduction order) and has the same id."""
+
+    strategy: Literal["single", "deepspeed", "fsdp"] = "single"
+    zero_stage: int = opt(2, ge=1, le=3)  # deepspeed only
+    nproc: int = opt(2, ge=1)  # ranks on the CPU (gloo); on GPUs one rank per trainer device
+
+
+@dataclass(frozen=True)
 class MaskSpec:
     kind: Literal["full", "first_half", "last_half", "first_fraction", "last_fraction",
                   "fixed_prefix", "release", "random_release", "std_release"] = "full"
@@ -311,6 +321,7 @@ class Spec:
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     scoring: ScoringSpec = field(default_factory=ScoringSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
+    trainer: TrainerSpec = field(default_factory=TrainerSpec)
     mask: MaskSpec = field(default_factory=MaskSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     probe: ProbeSpec = field(default_factory=ProbeSpec)

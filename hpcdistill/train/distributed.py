@@ -70,10 +70,9 @@ class TrainerConfig:
 
     @classmethod
     def from_spec(cls, spec: Any) -> "TrainerConfig":
-        trainer = getattr(spec, "trainer", None)  # the [trainer] section, once the schema has it
-        return cls(strategy=getattr(trainer, "strategy", "single"), zero_stage=getattr(trainer, "zero_stage", 2),
-                   nproc=getattr(trainer, "nproc", 2), lr=spec.train.lr, weight_decay=spec.train.weight_decay,
-                   max_grad_norm=spec.train.max_grad_norm)
+        trainer = spec.trainer  # [trainer]: where the student is trained; [train]: the optimizer
+        return cls(strategy=trainer.strategy, zero_stage=trainer.zero_stage, nproc=trainer.nproc,
+                   lr=spec.train.lr, weight_decay=spec.train.weight_decay, max_grad_norm=spec.train.max_grad_norm)
 
 
 # ---------------------------------------------------------------------------- process group
@@ -142,6 +141,12 @@ class Trainer:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def shards_parameters(self) -> bool:
+        """True when no rank holds the whole model (FSDP, ZeRO-3): read weights with
+        `full_state_dict`, forward the decoder body inside `full_parameters`."""
+        return False
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -228,7 +233,8 @@ class Trainer:
         if not (final / "meta.json").exists():
             return -1
         meta = json.loads((final / "meta.json").read_text())
-        if meta.get("strategy") != self.strategy:
+        meta.setdefault("strategy", "single")  # written by the loop before trainer strategies existed
+        if meta["strategy"] != self.strategy:
             raise LaunchError(f"checkpoint {final} was written by trainer.strategy = {meta.get('strategy')!r}; "
                               f"this run uses {self.strategy!r}: resume with the same strategy")
         self._check_meta(final, meta)
@@ -270,7 +276,8 @@ class Trainer:
 
 
 class SingleTrainer(Trainer):
-    """One process, plain AdamW: what `steps.py` did. Checkpoint: state.pt as `steps.save_checkpoint`."""
+    """One process, plain AdamW: what `steps.py` always did. Checkpoint: state.pt, the layout
+    `steps.save_checkpoint` wrote before the trainer strategies (such checkpoints still load)."""
 
     strategy = "single"
 
@@ -322,6 +329,10 @@ class DeepSpeedTrainer(Trainer):
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=self.params, config=ds_config, dist_init_required=False)
         self.model = self.engine.module
+
+    @property
+    def shards_parameters(self):
+        return self.zero_stage == 3
 
     def _zero_grad(self):
         self.engine.zero_grad()
@@ -387,6 +398,10 @@ class FSDPTrainer(Trainer):
         fully_shard(model)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self._initialise_root()
+
+    @property
+    def shards_parameters(self):
+        return True
 
     def _initialise_root(self):
         # FSDP decides the root at the first forward of any sharded module: make it the model.
@@ -457,13 +472,16 @@ def trainer_nproc(config: TrainerConfig, devices: Sequence[str]) -> int:
 
 
 def launch_trainer_processes(argv: Sequence[str], devices: Sequence[str], nproc: int,
-                             env: dict[str, str] | None = None, grace_s: float = 30.0) -> int:
+                             env: dict[str, str] | None = None, grace_s: float = 30.0,
+                             received: list[int] | None = None) -> int:
     """Run `python <argv...>` as `nproc` ranks inside this task; returns the ranks' exit status.
 
     argv: what follows `python`, e.g. ["-m", "hpcdistill.worker", run_dir]. devices: the trainer
     role's GPU ids (`RoleDevices.trainer`), or () on the CPU (gloo, DS_ACCELERATOR=cpu). SIGTERM,
     SIGINT and SIGUSR2 (Slurm's preemption signal) are passed on to the ranks, which are killed
     if they have not ended `grace_s` later; the caller then handles the signal as usual.
+    `received`: a list that gets the signals passed on (a caller's handler may return, as
+    submitit's does for SIGTERM: the caller then knows the ranks were stopped, not failed).
     """
     environ = dict(os.environ if env is None else env)
     environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
@@ -473,8 +491,10 @@ def launch_trainer_processes(argv: Sequence[str], devices: Sequence[str], nproc:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
            f"--nproc_per_node={nproc}", "--max_restarts=0", *argv]
     log.info("starting %d trainer ranks on %s: %s", nproc, ",".join(devices) or "cpu", " ".join(cmd))
-    proc = subprocess.Popen(cmd, env=environ, start_new_session=True)
-    received: list[int] = []
+    # Own session (a signal to this task's group reaches the ranks only through `forward`), but
+    # killed with this process: a task killed outright (SIGKILL, a lost node) leaves no ranks.
+    proc = subprocess.Popen(cmd, env=environ, start_new_session=True, preexec_fn=_kill_when_parent_dies())
+    received = [] if received is None else received
 
     def forward(signum, _frame):
         received.append(signum)
@@ -541,6 +561,23 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
+def _kill_when_parent_dies() -> Callable[[], None]:
+    """A preexec_fn: the child gets SIGKILL when the process that started it dies (Linux)."""
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+    return lambda: prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Inside a rank: SIGKILL when torchrun dies (it starts each rank in its own session, so
+    nothing else stops a rank whose torchrun was killed outright)."""
+    parent = os.getppid()
+    _kill_when_parent_dies()()
+    if os.getppid() != parent:  # it died before the line above
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _main_thread() -> bool:
     import threading
 
@@ -549,4 +586,4 @@ def _main_thread() -> bool:
 
 __all__ = ["STRATEGIES", "TrainerConfig", "Trainer", "SingleTrainer", "DeepSpeedTrainer", "FSDPTrainer",
            "build_trainer", "init_process_group", "in_trainer_process", "shard_indices", "trainer_nproc",
-           "launch_trainer_processes", "process_tree"]
+           "launch_trainer_processes", "process_tree", "die_with_parent"]

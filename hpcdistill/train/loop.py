@@ -43,30 +43,47 @@ TINY_PREFIX = "tiny-random:"
 class Models:
     student: ModelHandle
     teacher: ModelHandle  # the same object as `student` when model.teacher = "same"
-    rollout_server: Any = None  # a VLLMServer when rollout.backend = "vllm"
+    rollout_server: Any = None  # a VLLMServer when rollout.backend = "vllm" (rank 0 only)
+    trainer: Any = None  # the student's `train.distributed.Trainer` while training; None = measurement
 
     @property
     def weight_version(self) -> int | None:
         """The weights the rollout engine samples with (the server's version), if it tracks one."""
         return None if self.rollout_server is None else self.rollout_server.weight_version
 
+    @property
+    def world_size(self) -> int:
+        return 1 if self.trainer is None else self.trainer.world_size
 
-def save_for_serving(model, tokenizer, directory: Path) -> Path:
+    def full_parameters(self):
+        """Context for forwards that call the decoder body directly (scoring): under FSDP or
+        ZeRO-3 the student's parameters are gathered there; a no-op otherwise."""
+        return contextlib.nullcontext() if self.trainer is None else self.trainer.full_parameters()
+
+
+def save_for_serving(model, tokenizer, directory: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
     """The student's current weights as a folder vLLM can serve and reload, written atomically.
 
     Tied input/output embeddings are written untied (lm_head.weight a copy of the embedding, the
     config saying so): vLLM's in-place weight reload updates the embedding but not a tied lm_head
     (measured: a 0.9-nat sampler/trainer gap after one reload), so the served model must not tie.
+    `state`: the whole model's weights when `model` is sharded (FSDP, ZeRO-3: `Trainer.full_state_dict`).
     """
     import copy
     import shutil
 
     from safetensors.torch import save_file
 
-    if hasattr(model, "merge_and_unload"):  # LoRA: serve the merged weights
-        model = copy.deepcopy(model).merge_and_unload()
-    state = {name: tensor.detach().to("cpu").clone().contiguous() for name, tensor in model.state_dict().items()}
-    state["lm_head.weight"] = model.get_output_embeddings().weight.detach().to("cpu").clone().contiguous()
+    if state is not None:
+        output = model.get_output_embeddings().weight
+        name = next(n for n, p in model.named_parameters(remove_duplicate=False) if p is output)
+        state = {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
+        state["lm_head.weight"] = state[name].clone()
+    else:
+        if hasattr(model, "merge_and_unload"):  # LoRA: serve the merged weights
+            model = copy.deepcopy(model).merge_and_unload()
+        state = {name: tensor.detach().to("cpu").clone().contiguous() for name, tensor in model.state_dict().items()}
+        state["lm_head.weight"] = model.get_output_embeddings().weight.detach().to("cpu").clone().contiguous()
     config = copy.deepcopy(model.config)
     config.tie_word_embeddings = False
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
@@ -82,15 +99,36 @@ def save_for_serving(model, tokenizer, directory: Path) -> Path:
     return directory
 
 
+def serve_student_weights(models: Models, paths: RunPaths) -> Path | None:
+    """The student's current weights in `rollout_weights/`, for the rollout server.
+
+    Every trainer rank calls (gathering FSDP / ZeRO-3 weights is collective); rank 0 writes and
+    gets the folder, the other ranks None.
+    """
+    trainer = models.trainer
+    state = trainer.full_state_dict() if trainer is not None and trainer.shards_parameters else None
+    if trainer is not None and not trainer.is_main:
+        return None
+    return save_for_serving(models.student.model, models.student.tokenizer, paths.root / "rollout_weights",
+                            state=state)
+
+
 @contextlib.contextmanager
 def rollout_engine(spec: Spec, models: Models, paths: RunPaths):
-    """Start the rollout role's engine for the run (vLLM's server) and stop it on every exit."""
+    """Start the rollout role's engine for the run (vLLM's server) and stop it on every exit.
+
+    Over several trainer ranks only rank 0 runs the server; `sample_student` sends its samples
+    to the other ranks.
+    """
     if spec.rollout.backend != "vllm":
         yield models
         return
     from hpcdistill.models.vllm_backend import VLLMServer, resolve_vllm_python
 
-    served = save_for_serving(models.student.model, models.student.tokenizer, paths.root / "rollout_weights")
+    served = serve_student_weights(models, paths)
+    if served is None:  # not rank 0
+        yield models
+        return
     server = VLLMServer(served, python=resolve_vllm_python(spec.rollout.vllm_python),
                         dtype="float32" if spec.model.dtype == "float32" else spec.model.dtype,
                         max_logprobs=max(20, spec.scoring.top_k), log_path=paths.root / "vllm.log",
@@ -111,6 +149,15 @@ def sample_student(spec: Spec, models: Models, prompts: list[list[int]], *, seed
     kwargs = dict(n=n or ro.samples_per_problem, max_new_tokens=max_new_tokens or ro.max_new_tokens,
                   temperature=ro.temperature if temperature is None else temperature, top_p=ro.top_p,
                   top_k=ro.top_k, seed=seed, prefix_ids=prefixes)
+    if ro.backend == "vllm" and models.world_size > 1:  # rank 0 samples, every rank trains on it
+        import torch.distributed as dist
+
+        from hpcdistill.models.vllm_backend import generate_vllm
+
+        out = [generate_vllm(models.rollout_server, prompts, stop_token_ids=models.student.stop_token_ids,
+                             **kwargs) if models.rollout_server is not None else None]
+        dist.broadcast_object_list(out, src=0)
+        return out[0]
     if models.rollout_server is not None:
         from hpcdistill.models.vllm_backend import generate_vllm
 
@@ -282,9 +329,10 @@ def collect_teacher_completions(spec: Spec, models: Models, problems: list[Probl
             verdict = task.verify(p, text, timeout_s=spec.task.timeout_s, memory_mb=spec.task.memory_mb)
             response = [int(t) for t in g.response_ids]
             items.append(Item(p, i, "teacher", (list(sp), response), (list(tp), response), g, text, verdict, None))
-    scores = score_rollouts(models.student, models.teacher, [it.student_seq for it in items],
-                            [it.teacher_seq for it in items], top_k=sc.top_k, full_vocab=sc.full_vocab,
-                            chunk_size=sc.chunk_size, batch_size=sc.batch_size)
+    with models.full_parameters():
+        scores = score_rollouts(models.student, models.teacher, [it.student_seq for it in items],
+                                [it.teacher_seq for it in items], top_k=sc.top_k, full_vocab=sc.full_vocab,
+                                chunk_size=sc.chunk_size, batch_size=sc.batch_size)
     for item, score in zip(items, scores):
         item.scores = score
     return items, {"teacher_seconds": seconds,
@@ -321,9 +369,10 @@ def collect_step(spec: Spec, models: Models, problems: list[Problem], step: int,
                      s[1]) for (p, _, _), text, v, s in zip(flat, texts, verdicts, student_seqs)]
     t0 = time.monotonic()
     sets = token_sets(spec, tok)
-    scores = score_rollouts(models.student, models.teacher, student_seqs, teacher_seqs,
-                            top_k=sc.top_k, full_vocab=sc.full_vocab, chunk_size=sc.chunk_size,
-                            batch_size=sc.batch_size, token_sets=sets)
+    with models.full_parameters():  # FSDP / ZeRO-3: the decoder body is called directly
+        scores = score_rollouts(models.student, models.teacher, student_seqs, teacher_seqs,
+                                top_k=sc.top_k, full_vocab=sc.full_vocab, chunk_size=sc.chunk_size,
+                                batch_size=sc.batch_size, token_sets=sets)
     scoring_s = time.monotonic() - t0
     items = [Item(p, i, "original", ss, ts, g, text, v, s, models.weight_version) for (p, i, g), ss, ts, text, v, s
              in zip(flat, student_seqs, teacher_seqs, texts, verdicts, scores)]
@@ -364,10 +413,11 @@ def _regenerate(spec: Spec, models: Models, originals: list[Item], step: int
     verdicts = [task.verify(o.problem, text, timeout_s=spec.task.timeout_s,
                             memory_mb=spec.task.memory_mb) for o, text in zip(originals, texts)]
     teacher_seqs = [(rp, [int(t) for t in r.response_ids]) for rp, r in zip(regen_prompts, regens)]
-    scores = score_rollouts(models.student, models.teacher, [o.student_seq for o in originals],
-                            teacher_seqs, top_k=sc.top_k, full_vocab=sc.full_vocab,
-                            chunk_size=sc.chunk_size, batch_size=sc.batch_size,
-                            token_sets=token_sets(spec, tok))
+    with models.full_parameters():
+        scores = score_rollouts(models.student, models.teacher, [o.student_seq for o in originals],
+                                teacher_seqs, top_k=sc.top_k, full_vocab=sc.full_vocab,
+                                chunk_size=sc.chunk_size, batch_size=sc.batch_size,
+                                token_sets=token_sets(spec, tok))
     items = [Item(o.problem, o.sample_idx, "regenerated", o.student_seq, ts, r, text, v, s)
              for o, ts, r, text, v, s in zip(originals, teacher_seqs, regens, texts, verdicts, scores)]
     return items, {

@@ -6,6 +6,10 @@ For step = 0 .. train.steps:
     update    objective -> backward -> clip -> AdamW       (not after the last step)
     record    the step's shard, written atomically; then the checkpoint of w_{step+1}
 
+The update goes through `train.distributed`'s trainer (`[trainer]`: single, DeepSpeed ZeRO or
+FSDP2): over several ranks every rank runs this loop, trains on its shard of the batch, and rank 0
+alone writes shards and the model (docs/trainer.md).
+
 So shard k holds the rollouts and KLs measured at weights w_k (seed 000 experiment 3 measures
 after every step), and the update they drove. Order on disk: shard k first, then the checkpoint
 after step k. A task killed between the two redoes step k on resume; sampling is seeded by
@@ -30,14 +34,15 @@ from hpcdistill.distill.schedules import StepPlan
 from hpcdistill.distill.masks import build_masks
 from hpcdistill.distill.segments import sentence_segments
 from hpcdistill.launch.gpus import RoleDevices
-from hpcdistill.launch.paths import RunPaths, read_json, write_json_atomic
+from hpcdistill.launch.paths import RunPaths
 from hpcdistill.models.scoring import response_hidden, _project
 from hpcdistill.record import ShardWriter
 from hpcdistill.spec.schema import Spec
 from hpcdistill.tasks import Problem
+from hpcdistill.train.distributed import Trainer, TrainerConfig, build_trainer
 from hpcdistill.train.loop import (Item, Models, collect_step, collect_teacher_completions, load_eval_problems,
                                    load_models, load_problems, shard_attrs, shard_columns, step_seed,
-                                   rollout_engine, sample_student, save_for_serving, teacher_prefixes,
+                                   rollout_engine, sample_student, serve_student_weights, teacher_prefixes,
                                    write_items)
 
 log = logging.getLogger(__name__)
@@ -68,36 +73,6 @@ def apply_lora(spec: Spec, models: Models) -> None:
     models.student.model = get_peft_model(models.student.model, config)
     if shared:
         models.teacher = models.student
-
-
-def save_checkpoint(paths: RunPaths, step: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer) -> None:
-    """Trainer state after `step`, written to a temporary folder and renamed into place."""
-    tmp = paths.root / f".checkpoint.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    torch.save({"model": trainable, "optimizer": optimizer.state_dict()}, tmp / "state.pt")
-    write_json_atomic(tmp / "meta.json", {"step": step})
-    old = paths.root / f".checkpoint.old-{os.getpid()}"
-    if paths.checkpoint.exists():
-        os.replace(paths.checkpoint, old)
-    os.replace(tmp, paths.checkpoint)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(paths: RunPaths, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Restore the trainer state; returns the last completed step, or -1 without a checkpoint."""
-    meta = paths.checkpoint / "meta.json"
-    if not meta.exists():
-        return -1
-    state = torch.load(paths.checkpoint / "state.pt", map_location="cpu", weights_only=True)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state["model"].items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
-    optimizer.load_state_dict(state["optimizer"])
-    return int(read_json(meta)["step"])
 
 
 # ---------------------------------------------------------------------------- one update
@@ -218,30 +193,36 @@ class _Handle:
         self.model, self.tokenizer, self.device, self.dtype = model, like.tokenizer, like.device, like.dtype
 
 
-def update(spec: Spec, models: Models, optimizer: torch.optim.Optimizer, items: list[Item],
-           weights: list[np.ndarray], step_plan: StepPlan, off_items: list[Item],
-           reference: torch.nn.Module | None) -> dict[str, float]:
-    """objective -> backward -> clip -> AdamW step, as the method's plan for this step says."""
-    model = models.student.model
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    loss = torch.zeros((), device=models.student.device)
-    metrics: dict[str, float] = {}
-    if step_plan.on_policy_weight > 0 and items:
-        on_loss, named = objective_loss(spec, models, items, weights)
-        loss = loss + step_plan.on_policy_weight * on_loss
-        metrics |= named
-    if step_plan.off_policy_weight > 0 and off_items:
-        off_loss, named = off_policy_loss(spec, models, off_items, reference, step_plan.kl_anchor_beta)
-        loss = loss + step_plan.off_policy_weight * off_loss
-        metrics |= named
-    loss.backward()
-    params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.train.max_grad_norm)
-    optimizer.step()
-    model.eval()
-    metrics.update({"train/loss_total": float(loss.detach()), "train/grad_norm": float(grad_norm),
-                    "train/lr": spec.train.lr, "train/on_policy_weight": step_plan.on_policy_weight,
+def update(spec: Spec, models: Models, trainer: Trainer, items: list[Item], weights: list[np.ndarray],
+           step_plan: StepPlan, off_items: list[Item], reference: torch.nn.Module | None) -> dict[str, float]:
+    """objective -> backward -> clip -> AdamW step, as the method's plan for this step says.
+
+    Over several ranks each trains on its shard of the batch (whole problems, `trainer.shard`):
+    its loss times its share of the batch's tokens, so the ranks' parts add up to the loss of
+    the whole batch (docs/trainer.md); one rank: the shard is the batch and the share 1.
+    """
+    on = step_plan.on_policy_weight > 0 and bool(items)
+    off = step_plan.off_policy_weight > 0 and bool(off_items)
+    on_mine, on_share = trainer.shard([len(w) for w in weights], groups=[it.problem.problem_id for it in items])
+    off_mine, off_share = trainer.shard([len(it.student_seq[1]) for it in off_items],
+                                        groups=[it.problem.problem_id for it in off_items])
+
+    def loss_fn() -> tuple[torch.Tensor, dict[str, float]]:
+        loss = torch.zeros((), device=models.student.device)
+        metrics: dict[str, float] = {}
+        if on:
+            on_loss, named = objective_loss(spec, models, [items[i] for i in on_mine], [weights[i] for i in on_mine])
+            loss = loss + step_plan.on_policy_weight * on_share * on_loss
+            metrics |= trainer.reduce_metrics(named, on_share)
+        if off:
+            off_loss, named = off_policy_loss(spec, models, [off_items[i] for i in off_mine], reference,
+                                              step_plan.kl_anchor_beta)
+            loss = loss + step_plan.off_policy_weight * off_share * off_loss
+            metrics |= trainer.reduce_metrics(named, off_share)
+        return loss, metrics
+
+    metrics = trainer.step(loss_fn)  # + train/loss_total, train/grad_norm (before clipping)
+    metrics.update({"train/lr": spec.train.lr, "train/on_policy_weight": step_plan.on_policy_weight,
                     "train/off_policy_weight": step_plan.off_policy_weight,
                     "train/seed_tokens": float(step_plan.seed_tokens),
                     "train/supervised_tokens": float(sum(float((w > 0).sum()) for w in weights))})
@@ -291,6 +272,8 @@ def step_problems(spec: Spec, problems: list[Problem], step: int) -> list[Proble
 
 
 def run_training(spec: Spec, paths: RunPaths, roles: RoleDevices) -> dict[str, Any]:
+    """Every step of the run not yet done, on one process or as one rank of several (docs/trainer.md):
+    every rank runs the whole loop; rank 0 alone writes shards, checkpoint metadata and the model."""
     problems = load_problems(spec)
     eval_problems = load_eval_problems(spec, problems)
     models = load_models(spec, roles)
@@ -299,19 +282,19 @@ def run_training(spec: Spec, paths: RunPaths, roles: RoleDevices) -> dict[str, A
     # kl_anchored needs the initial student beside the trained one (seed 003, finding 4).
     reference = copy.deepcopy(models.student.model).eval() if spec.train.method == "kl_anchored" else None
     apply_lora(spec, models)
-    model = models.student.model
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.train.lr,
-                                  weight_decay=spec.train.weight_decay)
-    last_done = load_checkpoint(paths, model, optimizer)
+    trainer = build_trainer(TrainerConfig.from_spec(spec), models.student.model)
+    models.student.model = trainer.model  # the teacher "same" is the same handle: it follows
+    models.trainer = trainer
+    last_done = trainer.load(paths.checkpoint)
     if last_done >= 0:
         log.info("resuming after step %d from %s", last_done, paths.checkpoint)
-    paths.shards.mkdir(parents=True, exist_ok=True)
+    if trainer.is_main:
+        paths.shards.mkdir(parents=True, exist_ok=True)
     with rollout_engine(spec, models, paths):
         if last_done >= 0:  # the engine starts on the initial weights: serve the resumed ones
-            sync_rollout_weights(paths, models, last_done + 1)
+            sync_rollout_weights(spec, paths, models, last_done + 1)
         for step in range(last_done + 1, spec.train.steps + 1):
-            metrics = train_step(spec, paths, models, problems, eval_problems, optimizer, reference,
-                                 initial_checksum, step)
+            metrics = train_step(spec, paths, models, problems, eval_problems, reference, initial_checksum, step)
             log.info("step %d/%d: %s", step, spec.train.steps, ", ".join(
                 f"{k}={v:.4g}" for k, v in metrics.items() if not k.endswith("seconds")))
     if spec.train.save_model:
@@ -320,72 +303,87 @@ def run_training(spec: Spec, paths: RunPaths, roles: RoleDevices) -> dict[str, A
 
 
 def train_step(spec: Spec, paths: RunPaths, models: Models, problems: list[Problem],
-               eval_problems: list[Problem], optimizer: torch.optim.Optimizer,
-               reference: torch.nn.Module | None, initial_checksum: str, step: int) -> dict[str, float]:
+               eval_problems: list[Problem], reference: torch.nn.Module | None, initial_checksum: str,
+               step: int) -> dict[str, float]:
     """One step: collect at w_step, mask, update to w_{step+1}, record; then checkpoint and sync."""
-    model = models.student.model
+    trainer = models.trainer
     seed, steps = spec.seeds[0], spec.train.steps
     t0 = time.monotonic()
     step_plan = schedules.plan(spec.train, step)
     batch = step_problems(spec, problems, step)
-    attrs = shard_attrs(spec, paths, models, step) | {"initial_weights_sha256": initial_checksum,
-                                                      "method": spec.train.method}
-    with ShardWriter(paths.shard(step), attrs=attrs, top_k=spec.scoring.top_k,
-                     token_columns=shard_columns(spec)) as writer:
-        prefixes = (teacher_prefixes(spec, models, batch, step, step_plan.seed_tokens)
-                    if step_plan.seed_tokens > 0 and step < steps else None)
-        items, metrics = collect_step(spec, models, batch, step, prefixes=prefixes)
-        off_items: list[Item] = []
-        if step_plan.needs_teacher_completions and step < steps:
-            # replay_buffer replays one stored batch (the step-0 draw of stream 4, regenerated
-            # identically from its seed); the other methods take fresh teacher completions.
-            stored = spec.train.method == "replay_buffer"
-            off_items, off_metrics = collect_teacher_completions(
-                spec, models, problems if stored else batch, 0 if stored else step,
-                seed_stream=4 if stored else 3)
-            metrics |= off_metrics
-        if eval_due(spec, step):
-            t_eval = time.monotonic()
-            metrics |= evaluate(spec, models, eval_problems, step)
-            metrics["eval_seconds"] = time.monotonic() - t_eval
-        originals = [i for i, it in enumerate(items) if it.kind == "original"]
-        weights = supervision_masks(spec, [items[i] for i in originals], models.student.tokenizer, step)
-        for w, i in zip(weights, originals):  # teacher-written prefix tokens are not the student's
-            w[:items[i].generation.num_prefix_tokens] = 0.0
-        if step < steps:
-            t_train = time.monotonic()
-            metrics |= update(spec, models, optimizer, [items[i] for i in originals], weights,
-                              step_plan, off_items, reference)
-            metrics["train_seconds"] = time.monotonic() - t_train
-        write_items(writer, items + off_items, seed, step, models.student.tokenizer,
-                    masks=dict(zip(originals, weights)))
-        metrics["step_seconds"] = time.monotonic() - t0
-        writer.add_metrics(step, metrics)
+    prefixes = (teacher_prefixes(spec, models, batch, step, step_plan.seed_tokens)
+                if step_plan.seed_tokens > 0 and step < steps else None)
+    items, metrics = collect_step(spec, models, batch, step, prefixes=prefixes)
+    off_items: list[Item] = []
+    if step_plan.needs_teacher_completions and step < steps:
+        # replay_buffer replays one stored batch (the step-0 draw of stream 4, regenerated
+        # identically from its seed); the other methods take fresh teacher completions.
+        stored = spec.train.method == "replay_buffer"
+        off_items, off_metrics = collect_teacher_completions(
+            spec, models, problems if stored else batch, 0 if stored else step,
+            seed_stream=4 if stored else 3)
+        metrics |= off_metrics
+    if eval_due(spec, step):
+        t_eval = time.monotonic()
+        metrics |= evaluate(spec, models, eval_problems, step)
+        metrics["eval_seconds"] = time.monotonic() - t_eval
+    originals = [i for i, it in enumerate(items) if it.kind == "original"]
+    weights = supervision_masks(spec, [items[i] for i in originals], models.student.tokenizer, step)
+    for w, i in zip(weights, originals):  # teacher-written prefix tokens are not the student's
+        w[:items[i].generation.num_prefix_tokens] = 0.0
+    if step < steps:
+        t_train = time.monotonic()
+        metrics |= update(spec, models, trainer, [items[i] for i in originals], weights,
+                          step_plan, off_items, reference)
+        metrics["train_seconds"] = time.monotonic() - t_train
+    if trainer.is_main:  # every rank computed the same items; one writes them
+        attrs = shard_attrs(spec, paths, models, step) | {"initial_weights_sha256": initial_checksum,
+                                                          "method": spec.train.method}
+        with ShardWriter(paths.shard(step), attrs=attrs, top_k=spec.scoring.top_k,
+                         token_columns=shard_columns(spec)) as writer:
+            write_items(writer, items + off_items, seed, step, models.student.tokenizer,
+                        masks=dict(zip(originals, weights)))
+            metrics["step_seconds"] = time.monotonic() - t0
+            writer.add_metrics(step, metrics)
     if step < steps:
         if (step + 1) % spec.train.checkpoint_every == 0 or step == steps - 1:
-            save_checkpoint(paths, step, model, optimizer)
-        sync_rollout_weights(paths, models, step + 1)
+            trainer.save(paths.checkpoint, step)  # every rank; rank 0 publishes the folder
+        sync_rollout_weights(spec, paths, models, step + 1)
     return metrics
 
 
-def sync_rollout_weights(paths: RunPaths, models: Models, version: int) -> None:
-    """After an update: the rollout engine serves the new weights, as version `version`."""
-    server = models.rollout_server
-    if server is None:
+def sync_rollout_weights(spec: Spec, paths: RunPaths, models: Models, version: int) -> None:
+    """After an update: the rollout engine serves the new weights, as version `version`.
+
+    Every rank calls (gathering sharded weights is collective); rank 0 owns the server."""
+    if spec.rollout.backend != "vllm":
         return
-    directory = save_for_serving(models.student.model, models.student.tokenizer, paths.root / "rollout_weights")
+    directory = serve_student_weights(models, paths)
+    server = models.rollout_server
+    if server is None or directory is None:
+        return
     seconds = server.load_weights(directory, version)
     log.info("rollout engine now serves weights version %d (%.1f s)", version, seconds)
 
 
 def save_model(paths: RunPaths, models: Models) -> None:
-    """The final student as a model directory another spec can name as model.student."""
+    """The final student as a model directory another spec can name as model.student.
+
+    Every rank calls (FSDP / ZeRO-3 gather the weights); rank 0 writes."""
+    trainer = models.trainer
+    state = trainer.full_state_dict() if trainer is not None and trainer.shards_parameters else None
+    if trainer is not None and not trainer.is_main:
+        return
     model = models.student.model
     if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapter into the weights
         model = model.merge_and_unload()
+    architectures = getattr(model.config, "architectures", None)
     tmp = paths.root / f".model.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state)
+    if state is not None:  # FSDP renames the class (FSDPLlamaForCausalLM); keep the loadable name
+        model.config.architectures = architectures
+        model.config.save_pretrained(tmp)
     models.student.tokenizer.save_pretrained(tmp)
     shutil.rmtree(paths.model, ignore_errors=True)
     os.replace(tmp, paths.model)
