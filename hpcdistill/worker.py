@@ -152,6 +152,16 @@ def _run_rank(paths: RunPaths) -> dict:
         handler.close()
 
 
+def _drop_resume_state(paths: RunPaths) -> None:
+    """A completed run never resumes: its trainer checkpoint (weights + AdamW state, ~12 bytes a
+    parameter) and the rollout engine's copy of the weights are removed; the shards stay, and
+    the final model too when train.save_model asked for it."""
+    import shutil
+
+    for leftover in (paths.checkpoint, paths.root / "rollout_weights"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def run(run_dir: str | Path) -> dict:
     """Run (or resume) one run; returns its final status."""
     paths = RunPaths(Path(run_dir).absolute())
@@ -192,8 +202,10 @@ def run(run_dir: str | Path) -> dict:
             if not interrupted:
                 log.exception("run %s failed", paths.run_id)
             raise
-        return _set_status(paths, state="completed", ended=_now(), summary=summary,
-                           seconds=round(time.monotonic() - start, 3))
+        status = _set_status(paths, state="completed", ended=_now(), summary=summary,
+                             seconds=round(time.monotonic() - start, 3))
+        _drop_resume_state(paths)
+        return status
     finally:
         logging.getLogger("hpcdistill").removeHandler(handler)
         handler.close()
