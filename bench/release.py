@@ -12,49 +12,19 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import random
 import statistics
 import time
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Callable
 
 from hpcdistill.distill.release import bic_downward_change_point
 
-EPS = 1e-12
-
-
-# --- Reference: seed 002, appendix A.11 (verbatim apart from indentation and the `ref_` prefix).
-def ref_profiled_bic(values: Sequence[float], num_params: int) -> float:
-    n = len(values)
-    if n == 0:
-        raise ValueError("BIC requires at least one value.")
-    mean = sum(values) / n
-    rss = sum((v - mean) ** 2 for v in values)
-    return n * math.log((rss + EPS) / n) + num_params * math.log(n)
-
-
-def ref_bic_downward_change_point(scores: Sequence[float]) -> tuple[int, bool, float]:
-    n = len(scores)
-    if n < 2:
-        return n, False, 0.0
-    bic0 = ref_profiled_bic(scores, num_params=1)
-    best_release_segment = n
-    best_bic = bic0
-    for tau in range(1, n):
-        left = scores[:tau]
-        right = scores[tau:]
-        mean_left = sum(left) / len(left)
-        mean_right = sum(right) / len(right)
-        if mean_right >= mean_left:
-            continue
-        rss_left = sum((v - mean_left) ** 2 for v in left)
-        rss_right = sum((v - mean_right) ** 2 for v in right)
-        rss = rss_left + rss_right
-        bic1 = n * math.log((rss + EPS) / n) + 3 * math.log(n)
-        if bic1 < best_bic:
-            best_bic = bic1
-            best_release_segment = tau
-    accepted = best_release_segment < n
-    return best_release_segment, accepted, max(0.0, bic0 - best_bic)
+# The reference is seed 002's appendix A.11, kept verbatim in one place: the tests that hold the
+# implementation to it (tests/test_release.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_release import ref_bic_downward_change_point  # noqa: E402
 
 
 # --- Bench ---
