@@ -196,3 +196,53 @@ def test_sweep_over_a_table_varies_several_keys_together(tmp_path):
     bad = write(tmp_path, "b.toml", '[experiment]\nname = "x"\n[sweep.grid]\nmodel = [{ studnet = "a" }]\n')
     with pytest.raises(SpecError, match="model.studnet': unknown key; did you mean 'model.student'"):
         expand(load_spec(bad))
+
+
+def test_a_key_written_at_its_default_keeps_the_run_id_and_a_changed_one_does_not(tmp_path):
+    # New keys arrive with defaults that keep the old behaviour: completed runs keep their ids.
+    base = write(tmp_path, "a.toml", SWEEP.format(out="runs"))
+    ids = [r.run_id for r in expand(load_spec(base))]
+    assert ids == [r.run_id for r in expand(load_spec(base, ['train.divergence="reverse"',
+                                                            'teacher.weights="live"']))]
+    assert not set(ids) & {r.run_id for r in expand(load_spec(base, ['train.divergence="forward"']))}
+
+
+def test_legacy_objective_names_are_presets_of_distill_with_the_same_run_id(tmp_path):
+    spec = write(tmp_path, "s.toml", '[experiment]\nname = "x"\n[train]\nobjective = "jsd"\nbeta = 0.3\n')
+    loaded = load_spec(spec)
+    train = loaded.spec.train
+    assert (train.objective, train.support, train.divergence, train.beta) == ("distill", "full", "jsd", 0.3)
+    canonical = write(tmp_path, "c.toml", '[experiment]\nname = "x"\n[train]\nsupport = "full"\n'
+                                          'divergence = "jsd"\nbeta = 0.3\n')
+    assert expand(loaded)[0].run_id == expand(load_spec(canonical))[0].run_id
+    with pytest.raises(SpecError, match=r"key 'train.divergence'.*objective = 'jsd' means objective = 'distill'"):
+        load_spec(spec, ['train.divergence="reverse"'])
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.gamma=0.9", r"'train.gamma': is read only when train.support is 'sampled'"),
+    ('train.estimator="k3"', r"'train.estimator': is read only when train.support is 'sampled'"),
+    ("train.beta=0.2", r"'train.beta': is read only when train.divergence is 'jsd'"),
+    ("teacher.ema_rate=0.5", r"'teacher.ema_rate': is read only when teacher.weights is 'ema'"),
+    ('teacher.feedback_template="{problem} {answer}"', r"uses \{answer\}; allowed fields: \{problem\}, \{feedback\}"),
+    ('teacher.demonstration_section="{demonstration"', r"'teacher.demonstration_section': not a valid template"),
+    ('teacher.weights="ema"', None),
+    ("train.on_policy_fraction=0.5", None),
+])
+def test_keys_read_only_under_another_value_and_bad_templates_are_errors(tmp_path, override, needle):
+    spec = write(tmp_path, "s.toml", '[experiment]\nname = "x"\n[train]\nsteps = 1\n')
+    if needle is None:
+        load_spec(spec, [override])  # fine on its own
+        return
+    with pytest.raises(SpecError, match=needle):
+        load_spec(spec, [override])
+
+
+def test_a_self_teacher_needs_the_students_weights_and_lambda_needs_an_on_policy_method(tmp_path):
+    spec = write(tmp_path, "s.toml", '[experiment]\nname = "x"\n[model]\nteacher = "other/model"\n'
+                                     '[teacher]\nweights = "ema"\n[train]\nmethod = "hybrid"\n'
+                                     'on_policy_fraction = 0.5\n')
+    with pytest.raises(SpecError) as err:
+        load_spec(spec)
+    assert "key 'teacher.weights'" in str(err.value) and "model.teacher = 'other/model'" in str(err.value)
+    assert "key 'train.on_policy_fraction'" in str(err.value) and "method 'hybrid'" in str(err.value)

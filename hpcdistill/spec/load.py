@@ -24,6 +24,7 @@ from typing import Any, Literal, get_args, get_origin
 import tomli_w
 
 from hpcdistill.errors import SpecError
+from hpcdistill.spec import rules
 from hpcdistill.spec.schema import Spec
 
 SET_ORIGIN = "--set"
@@ -343,8 +344,15 @@ def _find_line(origin: str, dotted: str) -> int | None:
 def validate(data: dict[str, Any], origins: dict[str, str], default_origin: str) -> Spec:
     """Build the `Spec` from merged TOML data, or raise SpecError listing every problem."""
     validator = _Validator(origins, default_origin)
+    origins = dict(origins)
+    data, preset_errors = rules.resolve_presets(data, origins)
+    validator.origins = origins
+    for dotted, message in preset_errors:
+        validator.error(dotted, message)
     spec = validator.build(Spec, data, "")
     if spec is not None:
+        for dotted, message in rules.cross_errors(spec):
+            validator.error(dotted, message)
         exp = spec.experiment
         if exp.seeds is not None and exp.num_seeds is not None:
             validator.error("experiment.num_seeds", "give either experiment.seeds or "

@@ -70,9 +70,12 @@ class RolloutSpec:
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    # feedback: teacher sees p + f and scores s (SDPO); regen: teacher sees p + s + f, generates s'
-    # and is scored on s' (seed 000); system_prompt: same model + an enhanced system prompt (seed 004)
-    context: Literal["feedback", "regen", "system_prompt", "none"] = "feedback"
+    # What the teacher sees before the response (hpcdistill.distill.contexts). feedback: p + f,
+    # scored on s (SDPO); regen: p + s + f, generates s' and is scored on s' (seed 000);
+    # system_prompt: an enhanced system prompt (seed 004); demonstration: p + a successful sibling
+    # rollout of the same problem (+ optionally f), scored on s (SDPO's reprompting); none: the
+    # student's own prompt.
+    context: Literal["feedback", "regen", "system_prompt", "demonstration", "none"] = "feedback"
     system_prompt: str = ""
     feedback_template: str = (
         "{problem}\n\nA previous attempt was executed. Feedback:\n{feedback}\n\n"
@@ -81,7 +84,25 @@ class TeacherSpec:
     regen_template: str = (
         "Your solution was executed. Feedback:\n{feedback}\n\nWrite a corrected solution."
     )
-    temperature: float = opt(1.0, ge=0)  # sampling settings of the regenerated attempt s'
+    # context = "demonstration": the teacher's user message is demonstration_template with
+    # {demonstration} = demonstration_section (or "" when no sibling succeeded) and {feedback} =
+    # feedback_section (or "", see demonstration_feedback). A rollout with neither gets no teacher
+    # signal: it is recorded, and left out of the loss (SDPO's self-distillation mask).
+    demonstration_template: str = "{problem}{demonstration}{feedback}\n\nSolve the original problem correctly."
+    demonstration_section: str = "\n\nA correct solution from another attempt:\n\n{demonstration}\n"
+    feedback_section: str = "\n\nFeedback on your earlier attempt:\n\n{feedback}\n"
+    demonstration_threshold: float = 1.0  # a sibling with reward >= this is a demonstration
+    demonstration_exclude_self: bool = True  # a successful rollout is not its own demonstration
+    # never | always | fallback (only when no sibling succeeded: SDPO's default)
+    demonstration_feedback: Literal["never", "always", "fallback"] = "fallback"
+    # Which weights the self-teacher (model.teacher = "same") runs (hpcdistill.models.teachers):
+    # live: the student itself; initial: a frozen copy of the initial student; ema: after every
+    # update theta_T <- (1 - ema_rate) theta_T + ema_rate theta_S (SDPO: 0.05); trust_region: logits
+    # lerp(initial, live, trust_region_mix) (SDPO's trust-region teacher).
+    weights: Literal["live", "initial", "ema", "trust_region"] = "live"
+    ema_rate: float = opt(0.05, gt=0, le=1)
+    trust_region_mix: float = opt(0.05, ge=0, le=1)
+    temperature: float = opt(1.0, ge=0)  # whenever the teacher samples: s' (regen), completions, seeds
     top_p: float = opt(1.0, gt=0, le=1)
     max_new_tokens: int | None = opt(None, ge=1)  # None = rollout.max_new_tokens
 
@@ -94,6 +115,10 @@ class ScoringSpec:
     backtrack_words: list[str] = field(default_factory=lambda: ["wait", "actually", "no", "#", "//"])
     chunk_size: int = opt(256, ge=1)
     batch_size: int = opt(4, ge=1)
+    # Record the teacher's own top-k (ids, its log-probs, the student's log-probs there): what the
+    # teacher and union top-k supports train on, and what `hpcdistill replay` needs to recompute
+    # them. About 12 k bytes per token (k = 20: 240 B/token, roughly doubling a shard).
+    teacher_topk: bool = True
 
 
 @dataclass(frozen=True)
@@ -111,12 +136,29 @@ class TrainSpec:
     steps: int = opt(0, ge=0)  # 0 = measurement only (rollout, feedback, scoring, record)
     method: Literal["on_policy", "on_policy_gkd", "hybrid", "extended_on_policy", "teacher_seeded",
                     "mixture", "replay_buffer", "kl_anchored", "reverse_curriculum"] = "on_policy"
-    objective: Literal["topk_kl", "full_reverse_kl", "full_forward_kl", "jsd", "opd", "exopd",
-                       "context_distill", "sft"] = "topk_kl"
+    # distill: the loss below (docs/objectives.md). The old names are presets of it, resolved by the
+    # loader (LEGACY_OBJECTIVES): topk_kl, full_reverse_kl, full_forward_kl, jsd, opd.
+    objective: Literal["distill", "exopd", "context_distill", "sft", "topk_kl", "full_reverse_kl",
+                       "full_forward_kl", "jsd", "opd"] = "distill"
+    # -- objective = "distill" (hpcdistill.distill.loss)
+    support: Literal["topk", "full", "sampled"] = "topk"  # where the divergence is computed
+    divergence: Literal["forward", "reverse", "jsd"] = "reverse"  # reverse = KL(student || teacher)
+    beta: float = opt(0.5, ge=0, le=1)  # jsd: M = beta p_T + (1 - beta) p_S; 0 = forward, 1 = reverse
+    topk_support: Literal["student", "teacher", "union"] = "student"  # whose top-k ids (SDPO: student)
+    topk_normalization: Literal["renormalize", "tail_bucket"] = "renormalize"  # or log(1 - sum p) bucket
+    estimator: Literal["k1", "k2", "k3"] = "k1"  # support = "sampled": single-sample estimator
+    sampled_use: Literal["reward", "loss"] = "reward"  # policy-gradient reward, or a supervised loss
+    gamma: float = opt(0.0, ge=0, le=1)  # reward: advantage = discounted future sum of -estimate
+    is_clip: float | None = opt(None, gt=0)  # importance ratio vs the sampler's log-probs, clipped
+    # GKD's lambda: each problem of a step is the student's rollouts with this probability, else
+    # teacher samples (methods on_policy / on_policy_gkd / extended_on_policy only)
+    on_policy_fraction: float = opt(1.0, ge=0, le=1)
+    # what teacher-sampled (off-policy) rollouts train with: sft = token NLL (sequence-level KD,
+    # Kim & Rush), divergence = the objective above on the teacher's samples (GKD)
+    off_policy_loss: Literal["sft", "divergence"] = "sft"
     lr: float = opt(1e-6, gt=0)
     weight_decay: float = opt(0.01, ge=0)
     max_grad_norm: float = opt(1.0, gt=0)
-    beta: float = opt(0.5, ge=0, le=1)  # JSD interpolation
     exopd_alpha: float = opt(1.0, ge=0)  # ExOPD reward extrapolation coefficient
     adv_tau: float = 1.0  # seed 004: full_reward = adv_tau*R + teacher_tau*sum(lp_T) - student_tau*sum(lp_S)
     teacher_tau: float = 1.0

@@ -24,7 +24,7 @@ from hpcdistill.spec.load import (
     spec_to_dict,
     validate,
 )
-from hpcdistill.spec.schema import SCIENCE_SECTIONS, Spec
+from hpcdistill.spec.schema import SCIENCE_SECTIONS, ExperimentSpec, Spec
 
 # Keys a sweep may vary: what a run computes. Launch settings are per array, not per run.
 SWEEPABLE_SECTIONS = SCIENCE_SECTIONS
@@ -51,10 +51,33 @@ class Run:
         return dump_toml(self.spec_dict())
 
 
+# The run id hashes the science values that differ from the schema's defaults, so a new key
+# whose default keeps the old behaviour leaves every existing id (and completed run) as it was.
+# Changing what an existing default means changes what old ids computed: bump this with it.
+RUN_ID_VERSION = 2
+
+
+def _not_default(values: Any, defaults: Any) -> Any:
+    if isinstance(values, dict) and isinstance(defaults, dict):
+        out = {}
+        for key, value in values.items():
+            kept = _not_default(value, defaults.get(key, _MISSING))
+            if kept is not _MISSING:
+                out[key] = kept
+        return out if out else _MISSING
+    return _MISSING if values == defaults else values
+
+
+_MISSING = object()
+
+
 def run_id_for(spec: Spec, seed: int) -> str:
     data = spec_to_dict(spec)
-    science = {name: data[name] for name in SCIENCE_SECTIONS}
-    digest = content_hash({"experiment": spec.experiment.name, "seed": seed, **science})
+    defaults = spec_to_dict(Spec(experiment=ExperimentSpec(name=spec.experiment.name)))
+    science = {name: _not_default(data[name], defaults[name]) for name in SCIENCE_SECTIONS}
+    science = {name: value for name, value in science.items() if value is not _MISSING}
+    digest = content_hash({"version": RUN_ID_VERSION, "experiment": spec.experiment.name, "seed": seed,
+                           **science})
     return f"s{seed}-{digest[:12]}"
 
 

@@ -1,0 +1,130 @@
+"""Rules between spec keys, checked by the loader after types and ranges (`load.validate`).
+
+- Legacy objective names are presets of `objective = "distill"`: `resolve_presets` rewrites them
+  before validation, and a key the spec sets explicitly that contradicts the preset is an error
+  (`objective = "full_forward_kl"` with `divergence = "reverse"` cannot mean anything).
+- Some keys are read only under another key's value (`train.gamma` only with `support =
+  "sampled"`); a non-default value elsewhere would be silently ignored, so it is an error.
+- Templates may use only the fields the code fills in; anything else would raise KeyError in the
+  middle of a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from typing import Any
+
+from hpcdistill.spec.schema import Spec
+
+# objective name -> the keys of train it stands for (docs/objectives.md, "Presets")
+LEGACY_OBJECTIVES: dict[str, dict[str, Any]] = {
+    "topk_kl": {"support": "topk", "divergence": "reverse"},
+    "full_reverse_kl": {"support": "full", "divergence": "reverse"},
+    "full_forward_kl": {"support": "full", "divergence": "forward"},
+    "jsd": {"support": "full", "divergence": "jsd"},
+    "opd": {"support": "sampled", "divergence": "reverse", "sampled_use": "reward"},
+}
+
+# dotted key -> the (key, values) conditions under which it is read
+ONLY_WHEN: dict[str, tuple[tuple[str, tuple[Any, ...]], ...]] = {
+    "train.beta": (("train.divergence", ("jsd",)),),
+    "train.topk_support": (("train.support", ("topk",)),),
+    "train.topk_normalization": (("train.support", ("topk",)),),
+    "train.estimator": (("train.support", ("sampled",)),),
+    "train.sampled_use": (("train.support", ("sampled",)),),
+    "train.gamma": (("train.support", ("sampled",)), ("train.sampled_use", ("reward",))),
+    "teacher.ema_rate": (("teacher.weights", ("ema",)),),
+    "teacher.trust_region_mix": (("teacher.weights", ("trust_region",)),),
+}
+
+# template key -> the fields it may use
+TEMPLATE_FIELDS: dict[str, tuple[str, ...]] = {
+    "teacher.feedback_template": ("problem", "feedback"),
+    "teacher.regen_template": ("problem", "feedback"),
+    "teacher.demonstration_template": ("problem", "demonstration", "feedback"),
+    "teacher.demonstration_section": ("demonstration",),
+    "teacher.feedback_section": ("feedback",),
+}
+
+DISTILL_METHODS = ("on_policy", "on_policy_gkd", "extended_on_policy")
+
+
+def resolve_presets(data: dict[str, Any], origins: dict[str, str]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """Rewrite a legacy `train.objective` into `distill` + its keys; returns (data, errors)."""
+    train = data.get("train")
+    if not isinstance(train, dict) or train.get("objective") not in LEGACY_OBJECTIVES:
+        return data, []
+    name = train["objective"]
+    preset = LEGACY_OBJECTIVES[name]
+    errors = []
+    for key, value in preset.items():
+        if key in train and train[key] != value:
+            canonical = ", ".join(f"{k} = {v!r}" for k, v in preset.items())
+            errors.append((f"train.{key}", f"got {train[key]!r}, but train.objective = {name!r} means "
+                           f"objective = 'distill' with {canonical}; set train.objective = 'distill' "
+                           f"and the keys you want instead"))
+    resolved = {**train, **preset, "objective": "distill"}
+    for key in preset:
+        origins.setdefault(f"train.{key}", origins.get("train.objective", ""))
+    return {**data, "train": resolved}, errors
+
+
+def _get(spec: Spec, dotted: str) -> Any:
+    value: Any = spec
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _default(spec: Spec, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    field = {f.name: f for f in dataclasses.fields(getattr(spec, section))}[key]
+    return field.default if field.default is not dataclasses.MISSING else field.default_factory()
+
+
+def template_errors(template: str, allowed: tuple[str, ...]) -> str | None:
+    """Why `template` cannot be filled with `allowed` fields by str.format, or None."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:  # a lone "{" or "}"
+        return f"not a valid template ({exc}); write a literal brace as {{{{ or }}}}"
+    bad = sorted({f for f in fields if f.split(".")[0].split("[")[0] not in allowed or f == ""})
+    if bad:
+        shown = ", ".join("{" + f + "}" for f in bad)
+        return f"uses {shown}; allowed fields: {', '.join('{' + a + '}' for a in allowed)}"
+    return None
+
+
+def cross_errors(spec: Spec) -> list[tuple[str, str]]:
+    """(dotted key, message) for every rule between keys that `spec` breaks."""
+    errors = []
+    for dotted, conditions in ONLY_WHEN.items():
+        if _get(spec, dotted) == _default(spec, dotted):
+            continue
+        for depends, values in conditions:
+            if _get(spec, depends) not in values:
+                errors.append((dotted, f"is read only when {depends} is {' or '.join(map(repr, values))} "
+                                       f"(it is {_get(spec, depends)!r}); remove it or set {depends}"))
+                break
+    for dotted, allowed in TEMPLATE_FIELDS.items():
+        problem = template_errors(_get(spec, dotted), allowed)
+        if problem:
+            errors.append((dotted, problem))
+    train, teacher = spec.train, spec.teacher
+    if teacher.weights != "live" and spec.model.teacher not in ("same", spec.model.student):
+        errors.append(("teacher.weights", f"{teacher.weights!r} is a self-teacher made from the student's "
+                       f"weights; model.teacher = {spec.model.teacher!r} is a separate, frozen model: use "
+                       "teacher.weights = 'live' with it, or model.teacher = 'same'"))
+    if train.on_policy_fraction < 1.0 and train.method not in DISTILL_METHODS:
+        errors.append(("train.on_policy_fraction", f"mixes teacher samples into methods "
+                       f"{', '.join(map(repr, DISTILL_METHODS))}; method {train.method!r} schedules its "
+                       "own off-policy data"))
+    if train.off_policy_loss == "divergence" and train.objective != "distill":
+        errors.append(("train.off_policy_loss", f"'divergence' trains teacher samples with objective "
+                       f"'distill'; train.objective is {train.objective!r}"))
+    return errors
+
+
+__all__ = ["LEGACY_OBJECTIVES", "ONLY_WHEN", "TEMPLATE_FIELDS", "resolve_presets", "cross_errors",
+           "template_errors"]
