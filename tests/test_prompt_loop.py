@@ -134,7 +134,11 @@ def test_training_loop_groups_rollouts_by_problem_and_feeds_the_seed_formula(mon
         scores = TokenScores(student_lp=np.asarray(i_lp, np.float32), teacher_lp=np.asarray(t_lp, np.float32),
                              student_topk_ids=np.zeros((n, 2), np.int32), student_topk_lp=np.zeros((n, 2), np.float32),
                              teacher_at_student_topk_lp=np.zeros((n, 2), np.float32), topk_kl=zeros,
-                             entropy_s=zeros, entropy_t=zeros, teacher_own_lp=np.asarray(t_lp, np.float32))
+                             entropy_s=zeros, entropy_t=zeros, teacher_own_lp=np.asarray(t_lp, np.float32),
+                             teacher_topk_ids=np.zeros((n, 2), np.int32), teacher_topk_lp=np.zeros((n, 2), np.float32),
+                             student_at_teacher_topk_lp=np.zeros((n, 2), np.float32), student_topk_mass=zeros,
+                             teacher_topk_mass=zeros, teacher_mass_at_student_topk=zeros,
+                             student_mass_at_teacher_topk=zeros, topk_overlap=zeros)
         gen = Generation(prompt, np.asarray(response), np.asarray(i_lp, np.float32), np.asarray(i_lp, np.float32), "stop")
         items.append(Item(problems[PROBLEM[i]], i % 2, "original", (prompt, response), (prompt, response), gen, "",
                           Verdict(REWARD[i], bool(REWARD[i]), "", {}), scores))

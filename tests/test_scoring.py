@@ -59,6 +59,13 @@ def naive_scores(student, teacher, s_seq, t_seq, k) -> dict[str, np.ndarray]:
         "entropy_s": -(ls.exp() * ls).sum(-1).numpy(),
         "entropy_t": -(lt.exp() * lt).sum(-1).numpy(),
         "teacher_topk_lp": torch.topk(lt, k, dim=-1).values.numpy(),
+        "student_at_teacher_topk_lp": ls.gather(-1, torch.topk(lt, k, dim=-1).indices).numpy(),
+        "student_topk_mass": ls.gather(-1, ids).exp().sum(-1).numpy(),
+        "teacher_topk_mass": torch.topk(lt, k, dim=-1).values.exp().sum(-1).numpy(),
+        "teacher_mass_at_student_topk": lt.gather(-1, ids).exp().sum(-1).numpy(),
+        "student_mass_at_teacher_topk": ls.gather(-1, torch.topk(lt, k, dim=-1).indices).exp().sum(-1).numpy(),
+        "topk_overlap": np.array([len(set(a) & set(b)) / k for a, b in
+                                  zip(ids.tolist(), torch.topk(lt, k, dim=-1).indices.tolist())]),
     }
 
 
@@ -67,6 +74,10 @@ def assert_scores_match(got: TokenScores, ref: dict[str, np.ndarray]):
         value = getattr(got, name)
         assert value is not None, name
         assert value.shape == expect.shape, (name, value.shape, expect.shape)
+        if name == "topk_overlap":  # a float32 tie at the k-th place may swap one id in or out
+            assert np.abs(value - expect).max() <= 1 / K + 1e-6
+            assert np.mean(np.abs(value - expect) < 1e-6) > 0.9
+            continue
         if name == "student_topk_ids":
             # Ids may swap only where two log-probs are equal to float32 precision.
             mismatch = value != expect
@@ -83,7 +94,7 @@ def test_score_rollouts_matches_naive_full_materialisation(student, teacher):
     s_seqs = random_seqs(10, 7)
     t_seqs = random_seqs(11, 7)
     got = score_rollouts(student, teacher, s_seqs, t_seqs, top_k=K, full_vocab=True,
-                         teacher_topk=True, chunk_size=5, batch_size=3, progress=False)
+                         chunk_size=5, batch_size=3, progress=False)
     assert len(got) == 7
     for g, s, t in zip(got, s_seqs, t_seqs):
         assert_scores_match(g, naive_scores(student, teacher, s, t, K))
@@ -160,6 +171,25 @@ def test_bundled_self_distillation_scores_match_naive_reference():
                         progress=False)[0][0].response_ids.tolist()
     teacher_prompt = render_prompt(tok, multi_turn([question + "\nFeedback: use type hints."]))
     got = score_rollouts(handle, handle, [(prompt, response)], [(teacher_prompt, response)], top_k=20,
-                         full_vocab=True, teacher_topk=True, chunk_size=5, progress=False)[0]
+                         full_vocab=True, chunk_size=5, progress=False)[0]
     assert_scores_match(got, naive_scores(handle, handle, (prompt, response), (teacher_prompt, response), 20))
     assert got.topk_kl.max() > 0
+
+
+def test_trust_region_teacher_scores_with_the_lerp_of_initial_and_live_logits(student, teacher):
+    from hpcdistill.models.teachers import LogitMix
+
+    mix = 0.3
+    mixed = type(student)(model=LogitMix([(lambda: teacher.model, 1 - mix), (lambda: student.model, mix)]),
+                          tokenizer=None, model_id="tr", device=student.device, dtype=student.dtype)
+    s_seqs, t_seqs = random_seqs(40, 3), random_seqs(41, 3)
+    got = score_rollouts(student, mixed, s_seqs, t_seqs, top_k=K, chunk_size=4, progress=False)
+    for g, (sp, sr), (tp, tr) in zip(got, s_seqs, t_seqs):
+        T = min(len(sr), len(tr))
+        ids = torch.tensor([list(tp) + list(tr)])
+        with torch.no_grad():
+            z = (1 - mix) * teacher.model(input_ids=ids).logits[0] + mix * student.model(input_ids=ids).logits[0]
+        lt = torch.log_softmax(z[len(tp) - 1:len(tp) - 1 + T].double(), -1)
+        np.testing.assert_allclose(g.teacher_lp, lt.gather(-1, torch.tensor(sr[:T])[:, None])[:, 0].numpy(),
+                                   rtol=1e-4, atol=2e-5)
+        np.testing.assert_allclose(g.teacher_topk_lp, torch.topk(lt, K, -1).values.numpy(), rtol=1e-4, atol=2e-5)

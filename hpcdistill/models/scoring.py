@@ -13,6 +13,7 @@ at once, never [B, T, V] for both models (at V = 151,936 and T = 8k that would b
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from dataclasses import dataclass
@@ -47,9 +48,17 @@ class TokenScores:
     entropy_s: np.ndarray  # [T] float32, student entropy (nats, full vocab)
     entropy_t: np.ndarray  # [T] float32, teacher entropy
     teacher_own_lp: np.ndarray  # [T] float32, log p_T(r_t | p_t, r_<t); = teacher_lp when r = s
+    teacher_topk_ids: np.ndarray  # [T, k] int32, the teacher's own top-k (descending)
+    teacher_topk_lp: np.ndarray  # [T, k] float32, teacher log-probs there
+    student_at_teacher_topk_lp: np.ndarray  # [T, k] float32, student log-probs at the teacher's top-k
+    # teaching-signal diagnostics (issue 11): probability mass of each side on each top-k set, and
+    # the overlap of the two sets (|S_k & T_k| / k)
+    student_topk_mass: np.ndarray  # [T] float32
+    teacher_topk_mass: np.ndarray  # [T] float32
+    teacher_mass_at_student_topk: np.ndarray  # [T] float32
+    student_mass_at_teacher_topk: np.ndarray  # [T] float32
+    topk_overlap: np.ndarray  # [T] float32
     full_kl: np.ndarray | None = None  # [T] float32, KL(student||teacher) over the full vocab
-    teacher_topk_ids: np.ndarray | None = None  # [T, k] int32, the teacher's own top-k
-    teacher_topk_lp: np.ndarray | None = None  # [T, k] float32
     # name -> [T] float32 probability mass a side puts on a token set (`token_sets`), under the
     # keys "student_mass_<set>" and "teacher_mass_<set>" (seed 000 exp. 5: backtracking tokens)
     token_mass: dict[str, np.ndarray] | None = None
@@ -73,14 +82,16 @@ def _project(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def response_hidden(handle: ModelHandle, seqs: list[Seq], lengths: list[int]) -> torch.Tensor:
+def response_hidden(handle: ModelHandle, seqs: list[Seq], lengths: list[int], model=None) -> torch.Tensor:
     """Final hidden states that predict response tokens 0..T_i-1 of each sequence, concatenated.
 
     seqs[i] = (prompt, response), lengths[i] = T_i <= len(response) -> [sum(T_i), H] on the model's
     device. Hidden state at position len(prompt)+t-1 predicts response token t, so the input is
     prompt + response[:T_i-1]. Right padding keeps default positions correct; causal attention
-    keeps the padding out of every real position.
+    keeps the padding out of every real position. `model`: another model than `handle.model`
+    on the handle's device (a member of a mixed-logit teacher).
     """
+    model = handle.model if model is None else model
     inputs = [list(p) + list(r[:max(T - 1, 0)]) for (p, r), T in zip(seqs, lengths)]
     L = max(len(x) for x in inputs)
     ids = torch.zeros((len(inputs), L), dtype=torch.long)
@@ -88,17 +99,42 @@ def response_hidden(handle: ModelHandle, seqs: list[Seq], lengths: list[int]) ->
     for b, x in enumerate(inputs):
         ids[b, :len(x)] = torch.tensor(x, dtype=torch.long)
         mask[b, :len(x)] = 1
-    hidden = _decoder(handle.model)(input_ids=ids.to(handle.device),
-                                    attention_mask=mask.to(handle.device)).last_hidden_state  # [B, L, H]
+    hidden = _decoder(model)(input_ids=ids.to(handle.device),
+                             attention_mask=mask.to(handle.device)).last_hidden_state  # [B, L, H]
     rows = [hidden[b, len(p) - 1:len(p) - 1 + T] for b, ((p, _), T) in enumerate(zip(seqs, lengths))]
     return torch.cat(rows, dim=0)
+
+
+class TeacherLogits:
+    """The teacher's logits at the response positions of a batch, projected chunk by chunk.
+
+    One forward of each member's decoder body (a plain teacher has one member; a trust-region
+    teacher two, `models.teachers.LogitMix`), then `chunk(c0, c1)` -> [C, V] float32 logits.
+    """
+
+    def __init__(self, teacher: ModelHandle, seqs: list[Seq], lengths: list[int]):
+        from hpcdistill.models.teachers import teacher_members
+
+        self.parts = [(model, weight, response_hidden(teacher, seqs, lengths, model=model))
+                      for model, weight in teacher_members(teacher)]
+
+    @property
+    def num_positions(self) -> int:
+        return self.parts[0][2].shape[0]
+
+    def chunk(self, c0: int, c1: int) -> torch.Tensor:
+        out = None
+        for model, weight, hidden in self.parts:
+            logits = _project(model, hidden[c0:c1]).float()
+            out = logits * weight if out is None else out + weight * logits
+        return out
 
 
 @torch.inference_mode()
 def score_rollouts(student: ModelHandle, teacher: ModelHandle, student_seqs: list[Seq],
                    teacher_seqs: list[Seq], *, top_k: int = 20, full_vocab: bool = False,
-                   teacher_topk: bool = False, chunk_size: int = 256, batch_size: int = 4,
-                   progress: bool = True, token_sets: dict[str, list[int]] | None = None) -> list[TokenScores]:
+                   chunk_size: int = 256, batch_size: int = 4, progress: bool = True,
+                   token_sets: dict[str, list[int]] | None = None) -> list[TokenScores]:
     """Score each student rollout against its teacher context (see the module docstring).
 
     student_seqs[i], teacher_seqs[i]: (prompt_ids, response_ids). The same handle may be passed as
@@ -122,42 +158,54 @@ def score_rollouts(student: ModelHandle, teacher: ModelHandle, student_seqs: lis
             idx = [i for i in range(start, min(start + batch_size, len(student_seqs))) if lengths[i] > 0]
             for i in range(start, min(start + batch_size, len(student_seqs))):
                 if lengths[i] == 0:
-                    results[i] = _empty(k, full_vocab, teacher_topk, token_sets)
+                    results[i] = _empty(k, full_vocab, token_sets)
             if not idx:
                 continue
             Ts = [lengths[i] for i in idx]
             hs = response_hidden(student, [student_seqs[i] for i in idx], Ts)  # [N, H]
-            ht = response_hidden(teacher, [teacher_seqs[i] for i in idx], Ts)  # [N, H]
+            teacher_logits = TeacherLogits(teacher, [teacher_seqs[i] for i in idx], Ts)
             s_tok = torch.tensor([x for i in idx for x in student_seqs[i][1][:lengths[i]]])  # [N]
             t_tok = torch.tensor([x for i in idx for x in teacher_seqs[i][1][:lengths[i]]])  # [N]
-            parts = [_score_chunk(student, teacher, hs[c:c + chunk_size], ht[c:c + chunk_size],
-                                  s_tok[c:c + chunk_size], t_tok[c:c + chunk_size], k,
-                                  full_vocab, teacher_topk, token_sets)
+            parts = [_score_chunk(student, _project(student.model, hs[c:c + chunk_size]),
+                                  teacher_logits.chunk(c, c + chunk_size), s_tok[c:c + chunk_size],
+                                  t_tok[c:c + chunk_size], k, full_vocab, token_sets)
                      for c in range(0, hs.shape[0], chunk_size)]
             flat = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
             offsets = np.cumsum([0, *Ts])
             for j, i in enumerate(idx):
                 fields = {name: arr[offsets[j]:offsets[j + 1]] for name, arr in flat.items()}
-                mass = {name: fields.pop(name) for name in list(fields) if "_mass_" in name}
+                mass = {name: fields.pop(name) for name in list(fields) if "_mass_" in name and
+                        name not in _FIELDS}
                 results[i] = TokenScores(**fields, token_mass=mass or None)
             bar.update(sum(Ts))
     return results  # type: ignore[return-value]
 
 
-def _score_chunk(student: ModelHandle, teacher: ModelHandle, hs: torch.Tensor, ht: torch.Tensor,
+_FIELDS = {f.name for f in dataclasses.fields(TokenScores)}
+
+
+def topk_overlap(ids_a: torch.Tensor, ids_b: torch.Tensor) -> torch.Tensor:
+    """|A & B| / k for two [C, k] id sets (no duplicates within a row) -> [C] float32."""
+    ordered = ids_a.sort(dim=-1).values.contiguous()
+    pos = torch.searchsorted(ordered, ids_b.contiguous()).clamp(max=ordered.shape[-1] - 1)
+    return (ordered.gather(-1, pos) == ids_b).float().mean(-1)
+
+
+def _score_chunk(student: ModelHandle, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                  s_tok: torch.Tensor, t_tok: torch.Tensor, k: int, full_vocab: bool,
-                 teacher_topk: bool, token_sets: dict[str, list[int]] | None = None) -> dict[str, np.ndarray]:
-    """All scores for C positions. hs, ht: [C, H]; s_tok, t_tok: [C] -> dict of [C] / [C, k] arrays."""
-    ls = log_softmax_fp32(_project(student.model, hs))  # [C, V] float32
-    lt = log_softmax_fp32(_project(teacher.model, ht))  # [C, V] float32, on the teacher's device
+                 token_sets: dict[str, list[int]] | None = None) -> dict[str, np.ndarray]:
+    """All scores for C positions. *_logits: [C, V]; s_tok, t_tok: [C] -> dict of [C] / [C, k] arrays."""
+    ls = log_softmax_fp32(student_logits)  # [C, V] float32
+    lt = log_softmax_fp32(teacher_logits).to(ls.device)  # [C, V] float32
     ps = ls.exp()  # [C, V], shared by the student entropy and the full KL
     ids = torch.topk(ls, k, dim=-1).indices  # [C, k], descending
-    s_tok_s, s_tok_t = s_tok.to(ls.device)[:, None], s_tok.to(lt.device)[:, None]
+    top_t = torch.topk(lt, k, dim=-1)
     student_topk_lp = ls.gather(-1, ids)  # [C, k]
-    teacher_at = lt.gather(-1, ids.to(lt.device)).to(ls.device)  # [C, k]
+    teacher_at = lt.gather(-1, ids)  # [C, k]
+    student_at_t = ls.gather(-1, top_t.indices)  # [C, k]
     out = {
-        "student_lp": ls.gather(-1, s_tok_s)[:, 0],
-        "teacher_lp": lt.gather(-1, s_tok_t)[:, 0],
+        "student_lp": ls.gather(-1, s_tok.to(ls.device)[:, None])[:, 0],
+        "teacher_lp": lt.gather(-1, s_tok.to(ls.device)[:, None])[:, 0],
         "student_topk_ids": ids.int(),
         "student_topk_lp": student_topk_lp,
         "teacher_at_student_topk_lp": teacher_at,
@@ -166,32 +214,40 @@ def _score_chunk(student: ModelHandle, teacher: ModelHandle, hs: torch.Tensor, h
         "topk_kl": slice_kl(student_topk_lp, teacher_at),
         "entropy_s": entropy_from_logprobs(ls, p=ps),
         "entropy_t": entropy_from_logprobs(lt),
-        "teacher_own_lp": lt.gather(-1, t_tok.to(lt.device)[:, None])[:, 0],
+        "teacher_own_lp": lt.gather(-1, t_tok.to(ls.device)[:, None])[:, 0],
+        "teacher_topk_ids": top_t.indices.int(),
+        "teacher_topk_lp": top_t.values,
+        "student_at_teacher_topk_lp": student_at_t,
+        "student_topk_mass": student_topk_lp.exp().sum(-1),
+        "teacher_topk_mass": top_t.values.exp().sum(-1),
+        "teacher_mass_at_student_topk": teacher_at.exp().sum(-1),
+        "student_mass_at_teacher_topk": student_at_t.exp().sum(-1),
+        "topk_overlap": topk_overlap(ids, top_t.indices),
     }
     if full_vocab:
-        out["full_kl"] = kl_from_logprobs(ls, lt.to(ls.device), p=ps)
+        out["full_kl"] = kl_from_logprobs(ls, lt, p=ps)
     for name, token_ids in (token_sets or {}).items():
         ids_s = torch.as_tensor(token_ids, dtype=torch.long, device=ls.device)
         out[f"student_mass_{name}"] = ps.index_select(-1, ids_s).sum(-1)
-        ids_t = ids_s.to(lt.device)
-        out[f"teacher_mass_{name}"] = lt.index_select(-1, ids_t).exp().sum(-1).to(ls.device)
-    if teacher_topk:
-        top = torch.topk(lt, k, dim=-1)
-        out["teacher_topk_ids"], out["teacher_topk_lp"] = top.indices.int(), top.values
+        out[f"teacher_mass_{name}"] = lt.index_select(-1, ids_s).exp().sum(-1)
     return {name: t.cpu().numpy() for name, t in out.items()}
 
 
-def _empty(k: int, full_vocab: bool, teacher_topk: bool, token_sets=None) -> TokenScores:
-    f1, fk = np.zeros(0, np.float32), np.zeros((0, k), np.float32)
-    ik = np.zeros((0, k), np.int32)
-    return TokenScores(student_lp=f1, teacher_lp=f1.copy(), student_topk_ids=ik, student_topk_lp=fk,
-                       teacher_at_student_topk_lp=fk.copy(), topk_kl=f1.copy(), entropy_s=f1.copy(),
-                       entropy_t=f1.copy(), teacher_own_lp=f1.copy(),
-                       full_kl=f1.copy() if full_vocab else None,
-                       teacher_topk_ids=ik.copy() if teacher_topk else None,
-                       teacher_topk_lp=fk.copy() if teacher_topk else None,
-                       token_mass={f"{side}_mass_{name}": f1.copy() for name in token_sets
+_TOPK_FIELDS = ("student_topk_ids", "student_topk_lp", "teacher_at_student_topk_lp", "teacher_topk_ids",
+                "teacher_topk_lp", "student_at_teacher_topk_lp")  # the [T, k] ones
+
+
+def _empty(k: int, full_vocab: bool, token_sets=None) -> TokenScores:
+    """The scores of a zero-length rollout: every array with T = 0."""
+    arrays = {}
+    for f in dataclasses.fields(TokenScores):
+        if f.name in _TOPK_FIELDS:
+            arrays[f.name] = np.zeros((0, k), np.int32 if f.name.endswith("_ids") else np.float32)
+        elif f.name not in ("full_kl", "token_mass"):
+            arrays[f.name] = np.zeros(0, np.float32)
+    return TokenScores(**arrays, full_kl=np.zeros(0, np.float32) if full_vocab else None,
+                       token_mass={f"{side}_mass_{name}": np.zeros(0, np.float32) for name in token_sets
                                    for side in ("student", "teacher")} if token_sets else None)
 
 
-__all__ = ["TokenScores", "score_rollouts", "response_hidden"]
+__all__ = ["TokenScores", "TeacherLogits", "score_rollouts", "response_hidden", "topk_overlap"]

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCHEMA_VERSION = "1.0"
-READABLE_VERSIONS: tuple[str, ...] = ("1.0",)
+SCHEMA_VERSION = "1.1"
+# 1.1 added optional columns only (the teacher's top-k with the student there, teaching-signal
+# diagnostics, per-token training loss, the teacher's prompt and its demonstration): 1.0 reads as is.
+READABLE_VERSIONS: tuple[str, ...] = ("1.0", "1.1")
 
 NATS = "nats (natural-log probability)"
 
@@ -73,6 +75,18 @@ TOKEN_COLUMNS: dict[str, Column] = {c.name: c for c in [
     _tok("segment_id", "int32", False, "index", "sentence segment of the token within its rollout (0-based)"),
     _tok("mask", "float32", False, "weight", "supervision weight of the token (0 = not supervised)"),
     _tok("sampler_lp", "float32", False, NATS, "log-prob the sampler (rollout engine) reported for s_t"),
+    # 1.1
+    _tok("student_at_teacher_topk_lp", "float32", False, NATS,
+         "student full-vocabulary log-probs at teacher_topk_ids", per="token_k"),
+    _tok("student_topk_mass", "float32", False, "probability", "the student's mass on its own top-k"),
+    _tok("teacher_topk_mass", "float32", False, "probability", "the teacher's mass on its own top-k"),
+    _tok("teacher_mass_at_student_topk", "float32", False, "probability",
+         "the teacher's mass on the student's top-k ids"),
+    _tok("student_mass_at_teacher_topk", "float32", False, "probability",
+         "the student's mass on the teacher's top-k ids"),
+    _tok("topk_overlap", "float32", False, "fraction", "|student top-k & teacher top-k| / k"),
+    _tok("train_loss", "float32", False, "as the objective",
+         "the token's term of the training loss before its weight and 1/N (train.objective = distill)"),
 ]}
 
 # Extra per-token columns a writer registers by name are float32 [n] with this fill.
@@ -98,6 +112,12 @@ ROLLOUT_COLUMNS: dict[str, Column] = {c.name: c for c in [
     _row("prompt_text", "str", False, "UTF-8 text", "the prompt as rendered for the student"),
     _row("response_text", "str", False, "UTF-8 text", "the decoded response"),
     _row("feedback", "str", False, "UTF-8 text", "the verifier's feedback text"),
+    # 1.1
+    _row("teacher_prompt_text", "str", False, "UTF-8 text", "the prompt as rendered for the teacher"),
+    _row("demonstration", "int32", False, "sample index",
+         "the sibling rollout shown to the teacher as a demonstration (-1 = none)"),
+    _row("teacher_signal", "int32", False, "0 or 1",
+         "1 if the teacher had something to teach from (0: no demonstration nor feedback; not trained on)"),
 ]}
 
 # Columns the writer fills itself; a row passed to append() must not carry them.

@@ -204,8 +204,12 @@ class Trainer:
 
     # checkpoint: <dir>/meta.json + the strategy's files; written under <dir>.tmp, renamed by rank 0
 
-    def save(self, directory: str | os.PathLike, step: int) -> None:
-        """Trainer state after `step` (every rank calls; the folder appears complete or not at all)."""
+    def save(self, directory: str | os.PathLike, step: int,
+             extra: dict[str, Callable[[Path], None]] | None = None) -> None:
+        """Trainer state after `step` (every rank calls; the folder appears complete or not at all).
+
+        extra: file name -> writer(path), called on rank 0 for state the loop owns (the EMA
+        teacher), published with the trainer's own files; read back with `checkpoint_file`."""
         final = Path(directory)
         tmp, old = final.with_name(f".{final.name}.tmp"), final.with_name(f".{final.name}.old")
         if self.is_main:
@@ -215,6 +219,8 @@ class Trainer:
         self._save_state(tmp)
         self.barrier()
         if self.is_main:
+            for name, write in (extra or {}).items():
+                write(tmp / name)
             meta = {"format": CHECKPOINT_FORMAT, "step": step, "strategy": self.strategy,
                     "world_size": self.world_size, "zero_stage": getattr(self, "zero_stage", None)}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -226,11 +232,8 @@ class Trainer:
 
     def load(self, directory: str | os.PathLike) -> int:
         """Restore the state of `directory`; the last completed step, or -1 without a checkpoint."""
-        final = Path(directory)
-        old = final.with_name(f".{final.name}.old")
-        if not (final / "meta.json").exists() and (old / "meta.json").exists():
-            final = old  # killed between the two renames of `save`
-        if not (final / "meta.json").exists():
+        final = _published(Path(directory))
+        if final is None:
             return -1
         meta = json.loads((final / "meta.json").read_text())
         meta.setdefault("strategy", "single")  # written by the loop before trainer strategies existed
@@ -245,6 +248,11 @@ class Trainer:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights on the CPU, on rank 0 (other ranks get {}); every rank calls."""
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def gathered_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on EVERY rank, on the model's device (the EMA teacher of
+        each rank averages them); every rank calls."""
+        return {k: v.detach() for k, v in self.model.state_dict().items()}
 
     # strategy hooks
 
@@ -273,6 +281,20 @@ class Trainer:
 
     def _load_state(self, path: Path) -> None:
         raise NotImplementedError
+
+
+def _published(directory: Path) -> Path | None:
+    """The checkpoint folder `save` published last, or None (also after a kill between its renames)."""
+    old = directory.with_name(f".{directory.name}.old")
+    if not (directory / "meta.json").exists() and (old / "meta.json").exists():
+        return old
+    return directory if (directory / "meta.json").exists() else None
+
+
+def checkpoint_file(directory: str | os.PathLike, name: str) -> Path | None:
+    """A file `Trainer.save(extra=...)` wrote into the last published checkpoint, or None."""
+    final = _published(Path(directory))
+    return final / name if final is not None and (final / name).exists() else None
 
 
 class SingleTrainer(Trainer):
@@ -372,6 +394,17 @@ class DeepSpeedTrainer(Trainer):
                     out[name] = param.detach().cpu().clone()
         return out
 
+    def gathered_state_dict(self):
+        if self.zero_stage < 3:
+            return super().gathered_state_dict()
+        import deepspeed
+
+        out = {}
+        for name, param in self.model.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                out[name] = param.detach().clone()
+        return out
+
 
 class FSDPTrainer(Trainer):
     """torch FSDP2: every decoder layer and the root are `fully_shard`ed over all ranks.
@@ -445,6 +478,12 @@ class FSDPTrainer(Trainer):
 
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return state if self.is_main else {}
+
+    def gathered_state_dict(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # without cpu_offload every rank receives the full tensors
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
 
 
 def build_trainer(config: TrainerConfig, model: torch.nn.Module) -> Trainer:

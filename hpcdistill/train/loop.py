@@ -28,7 +28,9 @@ from hpcdistill.launch.paths import RunPaths
 from hpcdistill.models.chat import render_prompt
 from hpcdistill.models.generation import generate
 from hpcdistill.models.loading import ModelHandle, load_model, tiny_random_model
+from hpcdistill.models.parity import check_template_parity
 from hpcdistill.models.scoring import TokenScores, score_rollouts
+from hpcdistill.models.teachers import self_teacher
 from hpcdistill.record import ShardWriter
 from hpcdistill.spec.load import content_hash, dump_toml, spec_to_dict
 from hpcdistill.spec.schema import BUNDLED_MODEL, Spec
@@ -183,11 +185,34 @@ def _load(model_id: str, spec: Spec, device: str) -> ModelHandle:
 
 
 def load_models(spec: Spec, roles: RoleDevices) -> Models:
+    """The student and the teacher: the student itself, a self-teacher made from its weights
+    (`teacher.weights`; before any update they equal the student, so measurement runs share it),
+    or a separate frozen model."""
     device = resolve_device(spec, roles)
     student = _load(spec.model.student, spec, device)
     if spec.model.teacher in ("same", spec.model.student):
-        return Models(student, student)
+        weights = spec.teacher.weights if spec.train.steps > 0 else "live"
+        return Models(student, self_teacher(weights, student, mix=spec.teacher.trust_region_mix))
     return Models(student, _load(spec.model.teacher, spec, device))
+
+
+def check_parity(spec: Spec, models: Models, problems: list[Problem]) -> None:
+    """Stop before anything runs if the two sides' chat templates would misalign positions
+    (models.parity); probes the teacher context of the first problem with a placeholder feedback."""
+    if not problems or models.student.tokenizer is None:
+        return
+    problem = problems[0]
+    verdict = Verdict(0.0, False, "placeholder feedback", {})
+    student = contexts.student_messages(problem, spec.rollout.system_prompt)
+    if spec.teacher.context == "regen":
+        teacher = contexts.regen_messages(problem, "placeholder attempt", verdict, spec.teacher)
+    else:
+        teacher = contexts.teacher_contexts([problem, problem], ["placeholder attempt"] * 2,
+                                            [verdict, Verdict(1.0, True, "", {})], spec.teacher,
+                                            spec.rollout.system_prompt)[0].messages
+    check_template_parity(models.student.tokenizer, models.teacher.tokenizer or models.student.tokenizer,
+                          student, teacher, student_name=spec.model.student,
+                          teacher_name=spec.model.student if spec.model.teacher == "same" else spec.model.teacher)
 
 
 def step_seed(seed: int, step: int, stream: int) -> int:
@@ -230,6 +255,7 @@ def shard_attrs(spec: Spec, paths: RunPaths, models: Models, step: int) -> dict[
         "tokenizer": getattr(models.student.tokenizer, "name_or_path", "") or spec.model.student,
         "task": spec.task.name,
         "teacher_context": spec.teacher.context,
+        "teacher_weights": spec.teacher.weights if spec.model.teacher == "same" else "frozen",
     }
 
 
@@ -248,6 +274,9 @@ class Item:
     scores: TokenScores
 
     weight_version: int | None = None  # the rollout engine's weights; None = the step's
+    demonstration: int = -1  # teacher.context = "demonstration": the sibling shown (-1 = none)
+    teacher_signal: bool = True  # False: the teacher had nothing to teach from; not trained on
+    train_loss: np.ndarray | None = None  # [T] the token's loss term, once the step trained on it
 
     def row(self, seed: int, step: int) -> dict[str, Any]:
         return {
@@ -260,9 +289,13 @@ class Item:
             "weight_version": step if self.weight_version is None else self.weight_version,
             "response_text": self.text,
             "feedback": self.verdict.feedback,
+            "demonstration": int(self.demonstration),
+            "teacher_signal": int(self.teacher_signal),
         }
 
-    def tokens(self) -> dict[str, np.ndarray]:
+    def tokens(self, teacher_topk: bool = True) -> dict[str, np.ndarray]:
+        """The shard's token columns; `teacher_topk` (scoring.teacher_topk): the teacher's own
+        top-k and the student's log-probs there, [T, k] each."""
         s = self.scores
         n = len(s.student_lp)
         out = {
@@ -275,9 +308,19 @@ class Item:
             "topk_kl": s.topk_kl,
             "entropy_s": s.entropy_s,
             "entropy_t": s.entropy_t,
+            "student_topk_mass": s.student_topk_mass,
+            "teacher_topk_mass": s.teacher_topk_mass,
+            "teacher_mass_at_student_topk": s.teacher_mass_at_student_topk,
+            "student_mass_at_teacher_topk": s.student_mass_at_teacher_topk,
+            "topk_overlap": s.topk_overlap,
         }
+        if teacher_topk:
+            out |= {"teacher_topk_ids": s.teacher_topk_ids, "teacher_topk_lp": s.teacher_topk_lp,
+                    "student_at_teacher_topk_lp": s.student_at_teacher_topk_lp}
         if s.full_kl is not None:
             out["full_kl"] = s.full_kl
+        if self.train_loss is not None:
+            out["train_loss"] = np.asarray(self.train_loss, dtype=np.float32)
         out.update(s.token_mass or {})
         if self.kind == "original":
             out["sampler_lp"] = np.asarray(self.generation.sampler_lp[:n], dtype=np.float32)
@@ -365,8 +408,8 @@ def collect_step(spec: Spec, models: Models, problems: list[Problem], step: int,
 
     # 3. teacher context, 4. scoring: student on (p, s_<t), teacher on its context + s_<t.
     student_seqs = [(list(g.prompt_ids), [int(t) for t in g.response_ids]) for _, _, g in flat]
-    teacher_seqs = [(render_prompt(tok, contexts.teacher_messages(p, text, v, tc, ro.system_prompt)),
-                     s[1]) for (p, _, _), text, v, s in zip(flat, texts, verdicts, student_seqs)]
+    teacher_ctx = contexts.teacher_contexts([p for p, _, _ in flat], texts, verdicts, tc, ro.system_prompt)
+    teacher_seqs = [(render_prompt(tok, c.messages), s[1]) for c, s in zip(teacher_ctx, student_seqs)]
     t0 = time.monotonic()
     sets = token_sets(spec, tok)
     with models.full_parameters():  # FSDP / ZeRO-3: the decoder body is called directly
@@ -374,9 +417,10 @@ def collect_step(spec: Spec, models: Models, problems: list[Problem], step: int,
                                 top_k=sc.top_k, full_vocab=sc.full_vocab, chunk_size=sc.chunk_size,
                                 batch_size=sc.batch_size, token_sets=sets)
     scoring_s = time.monotonic() - t0
-    items = [Item(p, i, "original", ss, ts, g, text, v, s, models.weight_version) for (p, i, g), ss, ts, text, v, s
-             in zip(flat, student_seqs, teacher_seqs, texts, verdicts, scores)]
-    metrics = {
+    items = [Item(p, i, "original", ss, ts, g, text, v, s, models.weight_version, c.demonstration, c.has_signal)
+             for (p, i, g), ss, ts, text, v, s, c in zip(flat, student_seqs, teacher_seqs, texts, verdicts, scores,
+                                                        teacher_ctx)]
+    metrics = diagnostics_metrics(items) | {
         "reward_mean": float(np.mean([v.reward for v in verdicts])),
         "topk_kl_mean": _token_mean([s.topk_kl for s in scores]),
         "response_tokens": float(sum(len(g.response_ids) for _, _, g in flat)),
@@ -426,6 +470,26 @@ def _regenerate(spec: Spec, models: Models, originals: list[Item], step: int
     }
 
 
+def diagnostics_metrics(items: list[Item]) -> dict[str, float]:
+    """The step's teaching-signal diagnostics (`diag/`), token means over the items' scores:
+    top-k mass of each side, overlap of the two top-k sets, |sampler - trainer| log-prob gap, the
+    top-k KL's error against the full KL (when recorded), and the demonstration / signal rates."""
+    scores = [it.scores for it in items if len(it.scores)]
+    if not scores:
+        return {}
+    out = {f"diag/{name}": _token_mean([getattr(s, name) for s in scores]) for name in
+           ("student_topk_mass", "teacher_topk_mass", "teacher_mass_at_student_topk",
+            "student_mass_at_teacher_topk", "topk_overlap")}
+    gaps = [np.abs(np.asarray(it.generation.sampled_lp[:len(it.scores)], np.float64) - it.scores.student_lp)
+            for it in items if len(it.scores)]
+    out["diag/sampler_gap_abs"] = _token_mean(gaps)
+    if all(s.full_kl is not None for s in scores):
+        out["diag/topk_kl_error"] = _token_mean([s.topk_kl - s.full_kl for s in scores])
+    out["diag/demonstration_rate"] = float(np.mean([it.demonstration >= 0 for it in items]))
+    out["diag/teacher_signal_rate"] = float(np.mean([it.teacher_signal for it in items]))
+    return out
+
+
 def segment_ids(tokenizer, ids: np.ndarray) -> np.ndarray:
     """Sentence segment of each response token (NLTK-style, seed 002), as int32 [T]."""
     segments = sentence_segments([tokenizer.decode([int(t)]) for t in ids])
@@ -436,16 +500,17 @@ def segment_ids(tokenizer, ids: np.ndarray) -> np.ndarray:
 
 
 def write_items(writer, items: list[Item], seed: int, step: int, tokenizer=None,
-                masks: dict[int, np.ndarray] | None = None) -> None:
+                masks: dict[int, np.ndarray] | None = None, teacher_topk: bool = True) -> None:
     """Stage 5: one shard row per item; `masks[i]` (supervision weights) joins item i's tokens."""
     for index, item in enumerate(items):
-        tokens = item.tokens()
+        tokens = item.tokens(teacher_topk)
         if masks is not None and index in masks:
             tokens["mask"] = np.asarray(masks[index], dtype=np.float32)
         row = item.row(seed, step)
         if tokenizer is not None:
             prompt = item.teacher_seq[0] if item.kind == "regenerated" else item.student_seq[0]
             row["prompt_text"] = tokenizer.decode(prompt)
+            row["teacher_prompt_text"] = tokenizer.decode(item.teacher_seq[0])
             if item.kind == "original" and len(tokens["ids"]):
                 tokens["segment_id"] = segment_ids(tokenizer, tokens["ids"])
         writer.append(row, tokens)
@@ -485,12 +550,14 @@ def run_pipeline(spec: Spec, paths: RunPaths, roles: RoleDevices) -> dict[str, A
         log.info("step 0 already recorded in %s; skipping", shard)
         return {"steps_done": 1, "skipped": [0]}
     models = load_models(spec, roles)
+    check_parity(spec, models, problems)
     paths.shards.mkdir(parents=True, exist_ok=True)
     with rollout_engine(spec, models, paths), \
             ShardWriter(shard, attrs=shard_attrs(spec, paths, models, 0), top_k=spec.scoring.top_k,
                         token_columns=shard_columns(spec)) as writer:
         items, metrics = collect_step(spec, models, problems, 0)
-        write_items(writer, items, spec.seeds[0], 0, models.student.tokenizer)
+        write_items(writer, items, spec.seeds[0], 0, models.student.tokenizer,
+                    teacher_topk=spec.scoring.teacher_topk)
         writer.add_metrics(0, metrics)
     log.info("step 0: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return {"steps_done": 1, "metrics": metrics}

@@ -30,20 +30,23 @@ import numpy as np
 import torch
 
 from hpcdistill.distill import objectives, schedules
+from hpcdistill.distill.loss import DistillInputs, LossConfig, distill_loss, support_ids, topk_buckets
 from hpcdistill.distill.schedules import StepPlan
 from hpcdistill.distill.masks import build_masks
 from hpcdistill.distill.segments import sentence_segments
+from hpcdistill.errors import LaunchError
 from hpcdistill.launch.gpus import RoleDevices
 from hpcdistill.launch.paths import RunPaths
-from hpcdistill.models.scoring import response_hidden, _project
+from hpcdistill.models import teachers
+from hpcdistill.models.scoring import TeacherLogits, response_hidden, _project
 from hpcdistill.record import ShardWriter
 from hpcdistill.spec.schema import Spec
 from hpcdistill.tasks import Problem
-from hpcdistill.train.distributed import Trainer, TrainerConfig, build_trainer
-from hpcdistill.train.loop import (Item, Models, collect_step, collect_teacher_completions, load_eval_problems,
-                                   load_models, load_problems, shard_attrs, shard_columns, step_seed,
-                                   rollout_engine, sample_student, serve_student_weights, teacher_prefixes,
-                                   write_items)
+from hpcdistill.train.distributed import Trainer, TrainerConfig, build_trainer, checkpoint_file
+from hpcdistill.train.loop import (Item, Models, check_parity, collect_step, collect_teacher_completions,
+                                   load_eval_problems, load_models, load_problems, shard_attrs, shard_columns,
+                                   step_seed, rollout_engine, sample_student, serve_student_weights,
+                                   teacher_prefixes, write_items)
 
 log = logging.getLogger(__name__)
 
@@ -106,44 +109,84 @@ def _student_logits(models: Models, items: list[Item], grad: bool) -> list[torch
     return list(torch.split(logits, lengths))
 
 
-def _teacher_logits(models: Models, items: list[Item]) -> list[torch.Tensor]:
-    handle = models.teacher
+def _teacher_logits(models: Models, items: list[Item]) -> torch.Tensor:
+    """The teacher's logits [N, V] at the items' response positions, on its own contexts."""
     lengths = [len(it.scores.student_lp) for it in items]
     with torch.no_grad():
-        hidden = response_hidden(handle, [it.teacher_seq for it in items], lengths)
-        logits = _project(handle.model, hidden).float()
-    return list(torch.split(logits, lengths))
+        teacher = TeacherLogits(models.teacher, [it.teacher_seq for it in items], lengths)
+        return teacher.chunk(0, teacher.num_positions)
+
+
+def _cat(arrays: list[np.ndarray], device, dtype=None) -> torch.Tensor:
+    return torch.as_tensor(np.concatenate(arrays), dtype=dtype, device=device)
+
+
+def distill_inputs(config: LossConfig, models: Models, items: list[Item], weights: list[np.ndarray],
+                   student_logits: torch.Tensor) -> DistillInputs:
+    """The batch of `distill.loss` from live student logits [N, V] (with grad) and the teacher's
+    log-probs that scoring recorded for each item (`TokenScores`); the full support runs the teacher."""
+    device = student_logits.device
+    scores = [it.scores for it in items]
+    lengths = [len(sc) for sc in scores]
+    valid = _cat([np.full(n, float(it.teacher_signal), np.float32) for it, n in zip(items, lengths)], device)
+    y = _cat([np.asarray(it.student_seq[1][:n]) for it, n in zip(items, lengths)], device, torch.long)
+    needs_lse = config.support == "sampled" or config.tail or config.is_clip is not None
+    lse = torch.logsumexp(student_logits, -1) if needs_lse else torch.zeros(len(y), device=device)
+    batch = DistillInputs(
+        weights=_cat(weights, device, torch.float32), lengths=lengths, loss_mask=valid,
+        student_lp=student_logits.gather(-1, y[:, None])[:, 0] - lse,
+        teacher_lp=_cat([sc.teacher_lp for sc in scores], device),
+        sampler_lp=_cat([np.asarray(it.generation.sampler_lp[:n], np.float32) for it, n in zip(items, lengths)],
+                        device))
+    if config.support == "topk":
+        ids, mask = support_ids(_cat([sc.student_topk_ids for sc in scores], device, torch.long),
+                                _cat([sc.teacher_topk_ids for sc in scores], device, torch.long), config.topk_support)
+        at_student = _cat([sc.teacher_at_student_topk_lp for sc in scores], device)
+        at_teacher = _cat([sc.teacher_topk_lp for sc in scores], device)
+        teacher_at = {"student": at_student, "teacher": at_teacher,
+                      "union": torch.cat([at_student, at_teacher], -1)}[config.topk_support]
+        student_at = student_logits.gather(-1, ids) - (lse[:, None] if config.tail else 0.0)
+        batch.student_buckets, batch.teacher_buckets, batch.bucket_mask = topk_buckets(
+            student_at, teacher_at, mask, config.topk_normalization)
+    elif config.support == "full":
+        batch.student_buckets, batch.teacher_buckets = student_logits, _teacher_logits(models, items).to(device)
+    return batch
+
+
+def initial_reference(spec: Spec, models: Models) -> torch.nn.Module | None:
+    """The frozen initial student that kl_anchored anchors to (seed 003, finding 4); shared with
+    an `initial` self-teacher, which holds the same weights."""
+    if spec.train.method != "kl_anchored":
+        return None
+    if spec.teacher.weights == "initial" and models.teacher is not models.student:
+        return models.teacher.model
+    return copy.deepcopy(models.student.model).eval()
 
 
 def objective_loss(spec: Spec, models: Models, items: list[Item], weights: list[np.ndarray]
                    ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Stage 7: the loss of `train.objective` over the batch (one graph for the whole batch)."""
+    """Stage 7: the loss of `train.objective` over the batch (one graph for the whole batch).
+
+    objective = "distill" also leaves each item's per-token loss terms in `item.train_loss`
+    (recorded in the shard: what `hpcdistill replay` reproduces)."""
     train = spec.train
     device = models.student.device
     w = torch.as_tensor(np.concatenate(weights), dtype=torch.float32, device=device)  # [N]
     name = train.objective
     logits = _student_logits(models, items, grad=True)
     student_logits = torch.cat(logits)  # [N, V]
-    if name == "topk_kl":
-        ids = torch.as_tensor(np.concatenate([it.scores.student_topk_ids for it in items]),
-                              dtype=torch.long, device=device)
-        teacher = torch.as_tensor(np.concatenate([it.scores.teacher_at_student_topk_lp for it in items]),
-                                  device=device)
-        return _metrics(*objectives.topk_kl_loss(student_logits, ids, teacher, w))
-    if name in ("full_reverse_kl", "full_forward_kl", "jsd"):
-        teacher_logits = torch.cat(_teacher_logits(models, items))
-        if name == "jsd":
-            return _metrics(*objectives.jsd_loss(student_logits, teacher_logits, w, beta=train.beta))
-        direction = "reverse" if name == "full_reverse_kl" else "forward"
-        return _metrics(*objectives.full_kl_loss(student_logits, teacher_logits, w, direction=direction))
+    if name == "distill":
+        config = LossConfig.from_train(train)
+        out = distill_loss(config, distill_inputs(config, models, items, weights, student_logits))
+        for item, terms in zip(items, torch.split(out.terms, [len(it.scores) for it in items])):
+            item.train_loss = terms.float().cpu().numpy()
+        return _metrics(out.loss, out.metrics)
     ids = torch.as_tensor(np.concatenate([it.student_seq[1][:len(it.scores.student_lp)] for it in items]),
                           dtype=torch.long, device=device)
     student_lp = torch.log_softmax(student_logits, -1).gather(-1, ids[:, None])[:, 0]  # [N]
     teacher_lp = torch.as_tensor(np.concatenate([it.scores.teacher_lp for it in items]), device=device)
     sampler_lp = torch.as_tensor(np.concatenate(
         [it.generation.sampler_lp[:len(it.scores.student_lp)] for it in items]), device=device)
-    if name == "opd":
-        return _metrics(*objectives.opd_advantage_loss(student_lp, teacher_lp, w, sampler_lp=sampler_lp))
     if name == "exopd":
         return _metrics(*objectives.exopd_advantage_loss(student_lp, teacher_lp, w, alpha=train.exopd_alpha,
                                                          sampler_lp=sampler_lp))
@@ -168,15 +211,24 @@ def _metrics(loss: torch.Tensor, named: dict[str, Any]) -> tuple[torch.Tensor, d
 
 def off_policy_loss(spec: Spec, models: Models, items: list[Item], reference: torch.nn.Module | None,
                     kl_beta: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """SFT on teacher completions under the student's prompt, plus the optional KL anchor."""
+    """Teacher completions under the student's prompt: SFT (sequence-level KD) or, with
+    train.off_policy_loss = "divergence", the distill objective on them (GKD); plus the optional
+    KL anchor."""
     device = models.student.device
     lengths = [len(it.student_seq[1]) for it in items]
-    logits = torch.cat(_student_logits(models, items, grad=True))  # [N, V]
-    targets = torch.as_tensor([t for it in items for t in it.student_seq[1]], dtype=torch.long, device=device)
     weights = torch.ones(sum(lengths), device=device)
-    loss, named = objectives.sft_loss(logits, targets, weights)
-    metrics = {f"train/off_{k}": float(v) for k, v in named.items()}
+    if spec.train.off_policy_loss == "divergence":
+        loss, named = objective_loss(spec, models, items, [np.ones(n, np.float32) for n in lengths])
+        metrics = {k.replace("train/", "train/off_", 1): v for k, v in named.items()}
+        logits = None
+    else:
+        logits = torch.cat(_student_logits(models, items, grad=True))  # [N, V]
+        targets = torch.as_tensor([t for it in items for t in it.student_seq[1]], dtype=torch.long, device=device)
+        loss, named = objectives.sft_loss(logits, targets, weights)
+        metrics = {f"train/off_{k}": float(v) for k, v in named.items()}
     if kl_beta > 0 and reference is not None:
+        if logits is None:
+            logits = torch.cat(_student_logits(models, items, grad=True))
         with torch.no_grad():
             hidden = response_hidden(_Handle(reference, models.student), [it.student_seq for it in items], lengths)
             reference_logits = _project(reference, hidden).float()
@@ -203,7 +255,9 @@ def update(spec: Spec, models: Models, trainer: Trainer, items: list[Item], weig
     """
     on = step_plan.on_policy_weight > 0 and bool(items)
     off = step_plan.off_policy_weight > 0 and bool(off_items)
-    on_mine, on_share = trainer.shard([len(w) for w in weights], groups=[it.problem.problem_id for it in items])
+    # the objectives normalise by valid tokens: rollouts without a teacher signal count 0
+    on_mine, on_share = trainer.shard([len(w) * int(it.teacher_signal) for w, it in zip(weights, items)],
+                                      groups=[it.problem.problem_id for it in items])
     off_mine, off_share = trainer.shard([len(it.student_seq[1]) for it in off_items],
                                         groups=[it.problem.problem_id for it in off_items])
 
@@ -222,11 +276,26 @@ def update(spec: Spec, models: Models, trainer: Trainer, items: list[Item], weig
         return loss, metrics
 
     metrics = trainer.step(loss_fn)  # + train/loss_total, train/grad_norm (before clipping)
+    _gather_train_loss(trainer, items)
     metrics.update({"train/lr": spec.train.lr, "train/on_policy_weight": step_plan.on_policy_weight,
                     "train/off_policy_weight": step_plan.off_policy_weight,
                     "train/seed_tokens": float(step_plan.seed_tokens),
                     "train/supervised_tokens": float(sum(float((w > 0).sum()) for w in weights))})
     return metrics
+
+
+def _gather_train_loss(trainer: Trainer, items: list[Item]) -> None:
+    """Every rank computed the loss terms of its own items: rank 0, which writes the shard, gets all."""
+    if trainer.world_size == 1:
+        return
+    import torch.distributed as dist
+
+    mine = {i: it.train_loss for i, it in enumerate(items) if it.train_loss is not None}
+    gathered: list[Any] = [None] * trainer.world_size
+    dist.all_gather_object(gathered, mine)
+    for part in gathered:
+        for i, terms in part.items():
+            items[i].train_loss = terms
 
 
 # ---------------------------------------------------------------------------- eval
@@ -276,11 +345,11 @@ def run_training(spec: Spec, paths: RunPaths, roles: RoleDevices) -> dict[str, A
     every rank runs the whole loop; rank 0 alone writes shards, checkpoint metadata and the model."""
     problems = load_problems(spec)
     eval_problems = load_eval_problems(spec, problems)
-    models = load_models(spec, roles)
+    models = load_models(spec, roles)  # a self-teacher copy is made here, before any wrapping
+    check_parity(spec, models, problems)
     torch.manual_seed(spec.seeds[0])
     initial_checksum = weights_checksum(models.student.model)  # ablation arms start identical
-    # kl_anchored needs the initial student beside the trained one (seed 003, finding 4).
-    reference = copy.deepcopy(models.student.model).eval() if spec.train.method == "kl_anchored" else None
+    reference = initial_reference(spec, models)
     apply_lora(spec, models)
     trainer = build_trainer(TrainerConfig.from_spec(spec), models.student.model)
     models.student.model = trainer.model  # the teacher "same" is the same handle: it follows
@@ -288,6 +357,7 @@ def run_training(spec: Spec, paths: RunPaths, roles: RoleDevices) -> dict[str, A
     last_done = trainer.load(paths.checkpoint)
     if last_done >= 0:
         log.info("resuming after step %d from %s", last_done, paths.checkpoint)
+        load_teacher_state(spec, paths, models)
     if trainer.is_main:
         paths.shards.mkdir(parents=True, exist_ok=True)
     with rollout_engine(spec, models, paths):
@@ -311,11 +381,16 @@ def train_step(spec: Spec, paths: RunPaths, models: Models, problems: list[Probl
     t0 = time.monotonic()
     step_plan = schedules.plan(spec.train, step)
     batch = step_problems(spec, problems, step)
+    batch, teacher_sampled = split_on_policy(spec, batch, step)
     prefixes = (teacher_prefixes(spec, models, batch, step, step_plan.seed_tokens)
                 if step_plan.seed_tokens > 0 and step < steps else None)
-    items, metrics = collect_step(spec, models, batch, step, prefixes=prefixes)
+    items, metrics = collect_step(spec, models, batch, step, prefixes=prefixes) if batch else ([], {})
     off_items: list[Item] = []
-    if step_plan.needs_teacher_completions and step < steps:
+    if teacher_sampled:  # GKD's lambda < 1: these problems are the teacher's samples this step
+        off_items, off_metrics = collect_teacher_completions(spec, models, teacher_sampled, step, seed_stream=5)
+        metrics |= off_metrics
+        step_plan = token_share_plan(items, off_items)
+    elif step_plan.needs_teacher_completions and step < steps:
         # replay_buffer replays one stored batch (the step-0 draw of stream 4, regenerated
         # identically from its seed); the other methods take fresh teacher completions.
         stored = spec.train.method == "replay_buffer"
@@ -331,25 +406,75 @@ def train_step(spec: Spec, paths: RunPaths, models: Models, problems: list[Probl
     weights = supervision_masks(spec, [items[i] for i in originals], models.student.tokenizer, step)
     for w, i in zip(weights, originals):  # teacher-written prefix tokens are not the student's
         w[:items[i].generation.num_prefix_tokens] = 0.0
+        if not items[i].teacher_signal:  # nothing to teach from (demonstration context)
+            w[:] = 0.0
     if step < steps:
         t_train = time.monotonic()
         metrics |= update(spec, models, trainer, [items[i] for i in originals], weights,
                           step_plan, off_items, reference)
         metrics["train_seconds"] = time.monotonic() - t_train
+        update_teacher(spec, models)
     if trainer.is_main:  # every rank computed the same items; one writes them
         attrs = shard_attrs(spec, paths, models, step) | {"initial_weights_sha256": initial_checksum,
                                                           "method": spec.train.method}
         with ShardWriter(paths.shard(step), attrs=attrs, top_k=spec.scoring.top_k,
                          token_columns=shard_columns(spec)) as writer:
             write_items(writer, items + off_items, seed, step, models.student.tokenizer,
-                        masks=dict(zip(originals, weights)))
+                        masks=dict(zip(originals, weights)), teacher_topk=spec.scoring.teacher_topk)
             metrics["step_seconds"] = time.monotonic() - t0
             writer.add_metrics(step, metrics)
     if step < steps:
         if (step + 1) % spec.train.checkpoint_every == 0 or step == steps - 1:
-            trainer.save(paths.checkpoint, step)  # every rank; rank 0 publishes the folder
+            trainer.save(paths.checkpoint, step, extra=teacher_state_files(spec, models))  # rank 0 publishes
         sync_rollout_weights(spec, paths, models, step + 1)
     return metrics
+
+
+def split_on_policy(spec: Spec, problems: list[Problem], step: int) -> tuple[list[Problem], list[Problem]]:
+    """GKD's lambda (train.on_policy_fraction): (the student's problems, the teacher's) of a step.
+
+    Each problem is the student's with probability lambda, drawn from (seed, step): TRL's GKD flips
+    one coin per batch; one per problem gives the same expected mix with less variance. The last
+    step only measures, so it is all the student's."""
+    fraction = spec.train.on_policy_fraction
+    if fraction >= 1.0 or step >= spec.train.steps:
+        return problems, []
+    rng = np.random.default_rng(step_seed(spec.seeds[0], step, 9))
+    on = rng.random(len(problems)) < fraction
+    return [p for p, o in zip(problems, on) if o], [p for p, o in zip(problems, on) if not o]
+
+
+def token_share_plan(items: list[Item], off_items: list[Item]) -> StepPlan:
+    """On- and off-policy parts weighted by their token counts: the token mean over the whole
+    mixed batch, as GKD averages over its batch."""
+    on = sum(len(it.scores) * int(it.teacher_signal) for it in items if it.kind == "original")
+    off = sum(len(it.student_seq[1]) for it in off_items)
+    total = max(on + off, 1)
+    return StepPlan(on / total, off / total)
+
+
+def update_teacher(spec: Spec, models: Models) -> None:
+    """After an update: the EMA self-teacher moves toward the new student weights (every rank)."""
+    if spec.teacher.weights != "ema" or models.teacher is models.student:
+        return
+    teachers.ema_update(models.teacher.model, teachers.student_weights(models), spec.teacher.ema_rate)
+
+
+def teacher_state_files(spec: Spec, models: Models) -> dict:
+    """What the checkpoint keeps of the teacher: the EMA weights (the others are reproducible)."""
+    if spec.teacher.weights != "ema" or models.teacher is models.student:
+        return {}
+    return {teachers.EMA_FILE: lambda path: teachers.save_ema(path, models.teacher.model)}
+
+
+def load_teacher_state(spec: Spec, paths: RunPaths, models: Models) -> None:
+    if spec.teacher.weights != "ema" or models.teacher is models.student:
+        return
+    path = checkpoint_file(paths.checkpoint, teachers.EMA_FILE)
+    if path is None:
+        raise LaunchError(f"{paths.checkpoint}: the checkpoint has no {teachers.EMA_FILE}, so the EMA "
+                          "teacher cannot resume; remove the checkpoint folder to start the run again")
+    teachers.load_ema(path, models.teacher.model)
 
 
 def sync_rollout_weights(spec: Spec, paths: RunPaths, models: Models, version: int) -> None:
