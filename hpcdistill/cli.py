@@ -151,6 +151,38 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_replay(args) -> int:
+    """Loss replay: variants of the loss recomputed on the sweep's recorded tokens, side by side."""
+    from hpcdistill.analysis.replay import parse_variants, replay_sweep
+    from hpcdistill.analysis.replay_report import replay_report
+    from hpcdistill.errors import LaunchError, ModelError
+    from hpcdistill.models.loading import load_tokenizer
+
+    sweep_dir = Path(args.run_dir).absolute()
+    if not sweep_dir.is_dir():
+        raise LaunchError(f"{sweep_dir}: no such sweep directory")
+    variants = parse_variants(args.set, args.variant)
+    result = replay_sweep(sweep_dir, variants, run_ids=args.run)
+    try:
+        tokenizer = load_tokenizer(result.tokenizer_id) if result.tokenizer_id else None
+    except ModelError as exc:
+        log.warning("token text not shown: %s", exc)
+        tokenizer = None
+    out_dir = sweep_dir / "analysis" / "replay"
+    sections = [f"# Loss replay of `{sweep_dir.name}`\n"]
+    sections += replay_report(result, out_dir, print_tables=True, top=args.top, tokenizer=tokenizer)
+    if result.unreplayed:
+        sections.append("## Steps not replayed\n\n" + "\n".join(
+            f"- {run} step {step}: {why}" for run, step, why in result.unreplayed) + "\n")
+        print(f"\n{len(result.unreplayed)} step(s) not replayed (their weights are gone); see the report")
+    if result.skipped:
+        sections.append("## Skipped shards\n\n" + "\n".join(f"- `{p}`: {r}" for p, r in result.skipped) + "\n")
+    report = out_dir / "report.md"
+    report.write_text("\n".join(sections), encoding="utf-8")
+    print(f"report: {report}")
+    return 0
+
+
 def cmd_probe(args) -> int:
     """Lock/fork probing (seed 001): a probe run on this machine, then its report."""
     from hpcdistill.analysis.probe_run import run_probe
@@ -223,6 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only failed, lost or missing runs (default: every run not completed)")
     p.add_argument("--executor", choices=["slurm", "local", "debug"])
     p.set_defaults(func=cmd_resubmit)
+
+    p = sub.add_parser("replay", help="recompute loss variants on a sweep's recorded tokens, side by side")
+    p.add_argument("run_dir", help="sweep directory: <output_dir>/<experiment.name>")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="one variant: these train.* / mask.* keys changed (repeatable)")
+    p.add_argument("--variant", action="append", metavar='"KEY=VALUE ..."',
+                   help="another variant, its keys separated by spaces (repeatable)")
+    p.add_argument("--run", action="append", metavar="RUN_ID", help="only these runs (repeatable)")
+    p.add_argument("--top", type=int, default=10, help="tokens listed where each variant disagrees most")
+    p.set_defaults(func=cmd_replay)
 
     p = with_spec(sub.add_parser("probe", help="lock/fork probing of a trained vs a base model (seed 001)"))
     p.set_defaults(func=cmd_probe)

@@ -100,6 +100,12 @@ def analyze_sweep(sweep_dir: str | Path, *, print_tables: bool = True) -> Path:
         sections.append(f"![method curves]({fig.name})\n")
         if print_tables:
             print(f"figure: {fig}")
+    from hpcdistill.analysis.diagnostics import diagnostics_rows
+
+    headers, rows = diagnostics_rows(sweep_dir)
+    if rows:
+        emit("Teaching-signal diagnostics per run (token means over the student's rollouts; S = student, "
+             "T = teacher, k = scoring.top_k)", headers, rows)
     from hpcdistill.analysis.context_distill import context_distill_report, loop_report
     from hpcdistill.analysis.probing import probe_report
 

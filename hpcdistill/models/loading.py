@@ -255,6 +255,27 @@ def load_model(model_id: str, *, dtype: str = "float32", device: str = "cpu",
     return handle
 
 
+def load_tokenizer(model_id: str, cache_dir: str | os.PathLike | None = None) -> Any:
+    """Only the tokenizer of `model_id` (same forms as load_model; "tiny-random:*" uses the bundled
+    one). Raises ModelError when it cannot be loaded offline or from the hub."""
+    from transformers import AutoTokenizer
+
+    if model_id.startswith("tiny-random:"):
+        model_id = BUNDLED_PREFIX + next(iter(BUNDLED_MODELS))
+    if model_id.startswith(BUNDLED_PREFIX):
+        name = model_id[len(BUNDLED_PREFIX):]
+        source, local_only = str(converted_gguf_dir(bundled_gguf_path(name), name, cache_dir)), True
+    elif Path(model_id).expanduser().is_dir():
+        source, local_only = str(Path(model_id).expanduser()), True
+    else:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        source, local_only = model_id, offline
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"the tokenizer of {model_id!r} could not be loaded: {exc}") from exc
+
+
 def load_models(student_id: str, teacher_id: str = "same", **kwargs: Any) -> tuple[ModelHandle, ModelHandle]:
     """(student, teacher); teacher "same" (or equal to student_id) is the student handle itself."""
     student = load_model(student_id, **kwargs)
@@ -289,5 +310,5 @@ def tiny_random_model(vocab_size: int = 256, *, seed: int = 0, num_layers: int =
                        stop_token_ids=stop_token_ids(tokenizer, model) if tokenizer else ())
 
 
-__all__ = ["ModelHandle", "load_model", "load_models", "tiny_random_model", "bundled_gguf_path",
+__all__ = ["ModelHandle", "load_model", "load_models", "load_tokenizer", "tiny_random_model", "bundled_gguf_path",
            "cache_root", "converted_gguf_dir", "BUNDLED_MODELS", "ALLOWED_FORMS"]

@@ -1,0 +1,187 @@
+"""Loss replay on recorded runs: it reproduces what training logged, its per-token gradient weights
+are the true gradients' norms, and it refuses what it cannot recompute."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hpcdistill.analysis.replay import BASELINE, parse_variants, read_batches, replay_sweep
+from hpcdistill.cli import main
+from hpcdistill.errors import SpecError
+from hpcdistill.launch.paths import read_json
+from hpcdistill.launch.submit import submit
+from hpcdistill.spec import load_spec
+
+TINY = """
+[experiment]
+name = "{name}"
+output_dir = "{out}"
+[model]
+student = "tiny-random:0"
+device = "cpu"
+[task]
+name = "math"
+num_problems = 2
+[rollout]
+samples_per_problem = 2
+max_new_tokens = 7
+[teacher]
+context = "system_prompt"
+system_prompt = "Think step by step."
+[train]
+steps = 2
+lr = 1e-2
+{train}
+"""
+
+TRAINED_WITH = {
+    "sdpo": "",
+    "union-tail-jsd": 'topk_support = "union"\ntopk_normalization = "tail_bucket"\ndivergence = "jsd"\nbeta = 0.3',
+    "teacher-forward-clip": 'topk_support = "teacher"\ndivergence = "forward"\nis_clip = 1.05',
+    "sampled-k3-gamma": 'support = "sampled"\nestimator = "k3"\ngamma = 0.8',
+    "sampled-k2-loss": 'support = "sampled"\nestimator = "k2"\nsampled_use = "loss"\ndivergence = "forward"',
+    "full-jsd": 'support = "full"\ndivergence = "jsd"\nbeta = 0.6',
+    "release-mask": '[mask]\nkind = "first_fraction"\nfraction = 0.4',
+}
+
+
+def _run(tmp_path, name: str, train: str):
+    spec = tmp_path / f"{name}.toml"
+    spec.write_text(TINY.format(name=name, out=tmp_path / "runs", train=train))
+    result = submit(load_spec(spec), executor="debug")
+    assert read_json(result.sweep.run(result.runs[0].run_id).status)["state"] == "completed"
+    return result.sweep.root
+
+
+@pytest.mark.parametrize("name", list(TRAINED_WITH))
+def test_replaying_a_runs_own_loss_reproduces_the_loss_it_logged(tmp_path, name):
+    sweep = _run(tmp_path, name, TRAINED_WITH[name])
+    full = "full" in name  # the weights after step 0 are gone: only step 0 re-scores
+    # the variant sets a mask key to its value: the weights are rebuilt from the shard, and must
+    # come out as the ones training used
+    result = replay_sweep(sweep, parse_variants(["mask.rescale=true"], None))
+    logged = [e for e in result.steps if e["logged"] is not None]
+    assert [e["step"] for e in logged] == ([0] if full else [0, 1])  # step 2 only measured
+    assert [(step, "initial weights" in why) for _, step, why in result.unreplayed] == \
+        ([(1, True), (2, True)] if full else [])
+    for entry in logged:
+        assert entry[BASELINE] == pytest.approx(entry["logged"], rel=1e-5, abs=1e-7), entry
+        assert entry["mask.rescale=True"] == pytest.approx(entry[BASELINE], rel=1e-6)
+    # and per token: the replayed terms are the train_loss column training wrote
+    batches = [b for b in read_batches(sweep) if not full or b.step == 0]
+    for batch, terms in zip(batches, result.terms[BASELINE]):
+        if batch.trained:
+            np.testing.assert_allclose(terms, batch.tokens["train_loss"], rtol=1e-4, atol=1e-6)
+
+
+def _true_grad_l1(batch, config_overrides: dict) -> np.ndarray:
+    """|| d(w_t l_t c_t)/d z_t ||_1 from a live forward of the initial weights (step 0), autograd."""
+    from hpcdistill.distill.loss import LossConfig, distill_loss
+    from hpcdistill.launch.gpus import RoleDevices
+    from hpcdistill.spec.load import set_dotted, validate
+    from hpcdistill.train.loop import Item, load_models
+    from hpcdistill.train.steps import distill_inputs
+
+    data = batch.spec_data
+    for k, v in config_overrides.items():
+        data = set_dotted(data, k, v)
+    spec = validate(data, {}, "test")
+    models = load_models(validate({**data, "train": {**data["train"], "steps": 0}}, {}, "test"),
+                         RoleDevices((), (), ()))
+    tok = models.student.tokenizer
+    offsets = np.cumsum([0, *batch.lengths])
+    out = []
+    for i, row in enumerate(batch.rows):
+        lo, hi = offsets[i], offsets[i + 1]
+        ids = batch.tokens["ids"][lo:hi].tolist()
+        from hpcdistill.models.scoring import _project, response_hidden
+
+        seq = (tok.encode(row["prompt_text"], add_special_tokens=False), ids)
+        logits = _project(models.student.model, response_hidden(models.student, [seq], [hi - lo])).float()
+        logits = logits.detach().requires_grad_(True)
+
+        class Scores:  # the recorded scores of this rollout, as an item carries them
+            def __len__(self):
+                return hi - lo
+        scores = Scores()
+        for name in ("student_topk_ids", "teacher_topk_ids", "teacher_at_student_topk_lp", "teacher_topk_lp",
+                     "teacher_lp"):
+            setattr(scores, name, batch.tokens[name][lo:hi])
+        gen = type("G", (), {"sampler_lp": batch.tokens["sampler_lp"][lo:hi]})()
+        item = Item(None, 0, "original", seq, seq, gen, "", None, scores)
+        config = LossConfig.from_train(spec.train)
+        weights = batch.tokens["mask"][lo:hi]
+        loss = distill_loss(config, distill_inputs(config, models, [item], [weights], logits)).loss
+        (grad,) = torch.autograd.grad(loss * (hi - lo), logits)
+        out.append(grad.abs().sum(-1).numpy())
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"train.topk_support": "union", "train.topk_normalization": "tail_bucket", "train.divergence": "jsd"},
+    {"train.topk_support": "teacher", "train.topk_normalization": "tail_bucket", "train.divergence": "forward"},
+    {"train.support": "sampled", "train.estimator": "k3", "train.gamma": 0.5},
+    {"train.support": "sampled", "train.sampled_use": "loss", "train.estimator": "k2"},
+])
+def test_replayed_gradient_weights_are_the_l1_norms_of_the_true_logit_gradients(tmp_path, overrides):
+    sweep = _run(tmp_path, "grads", "")
+    variant = " ".join(f"{k}={v!r}".replace("'", '"') for k, v in overrides.items())
+    result = replay_sweep(sweep, parse_variants(None, [variant or "mask.rescale=true"]))
+    batch = next(b for b in read_batches(sweep) if b.step == 0)  # the initial weights are reloadable
+    replayed = result.grads[result.variants[1]][0]
+    np.testing.assert_allclose(replayed, _true_grad_l1(batch, overrides), rtol=2e-3, atol=1e-6)
+
+
+def test_full_vocabulary_replay_rescores_step_zero_and_refuses_later_weights(tmp_path):
+    from hpcdistill.analysis import replay as replay_module
+    from hpcdistill.record import ShardReader
+
+    sweep = _run(tmp_path, "full", "[scoring]\nfull_vocab = true")
+    variant = parse_variants(['train.support="full"'], None)
+    result = replay_sweep(sweep, variant)
+    assert [e["step"] for e in result.steps] == [0]
+    (run, step, why), _ = result.unreplayed
+    assert step == 1 and "only the initial weights can be reloaded" in why and "version(s) [1]" in why
+    # step 0: re-scored with the initial weights, the full reverse KL of each token is the
+    # full_kl that scoring recorded
+    batch = next(b for b in read_batches(sweep) if b.step == 0)
+    full = replay_module.replay_batch(batch, replay_module.variant_spec(batch, variant[0]),
+                                      np.ones(batch.num_tokens))
+    with ShardReader(batch.path) as shard:
+        recorded = np.concatenate([r.tokens["full_kl"] for r in shard.iter_rollouts(columns=["full_kl"])
+                                   if r.row["kind"] == "original"])
+    np.testing.assert_allclose(full.terms, recorded, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--set", "rollout.temperature=0.5"], "would change the tokens or the teacher's log-probs"),
+    (["--set", "teacher.weights=\"ema\""], "replayable: train.support"),
+    (["--set", "train.divergence=\"sideways\""], "allowed: 'forward', 'reverse', 'jsd'"),
+    ([], "nothing to compare"),
+])
+def test_replay_cli_refuses_what_it_cannot_recompute_with_one_message(tmp_path, capsys, args, needle):
+    sweep = _run(tmp_path, "refuse", "")
+    assert main(["replay", str(sweep), *args]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") <= 2
+    assert not (sweep / "analysis" / "replay").exists()
+
+
+def test_replay_cli_prints_the_variants_side_by_side_and_writes_the_report(tmp_path, capsys):
+    sweep = _run(tmp_path, "cli", "")
+    assert main(["replay", str(sweep), "--set", 'train.divergence="forward"',
+                 "--variant", 'train.topk_normalization="tail_bucket" train.divergence="jsd"', "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    for title in ("loss per step", "by decile of position", "agreement with the run's own loss",
+                  "disagree most"):
+        assert title in out
+    report = (sweep / "analysis" / "replay" / "report.md").read_text()
+    assert "divergence=forward" in report and "topk_normalization=tail_bucket divergence=jsd" in report
+    assert (sweep / "analysis" / "replay" / "replay_deciles.png").stat().st_size > 5_000
+    summary = read_json(sweep / "analysis" / "replay" / "replay.json")
+    assert summary["variants"][0] == BASELINE and summary["tokens"] > 0
+    same = summary["correlation_with_own"]["divergence=forward"]["grad_pearson"]
+    assert -1.0 <= same <= 1.0
