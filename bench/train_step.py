@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from hpcdistill.distill.objectives import topk_kl_loss
+from hpcdistill.distill.loss import DistillInputs, LossConfig, distill_loss
 from hpcdistill.models.loading import load_model
 from hpcdistill.models.scoring import _project, response_hidden, score_rollouts
 
@@ -51,7 +51,9 @@ def main() -> None:
         handle.model.train()
         optimizer.zero_grad(set_to_none=True)
         logits = _project(handle.model, response_hidden(handle, seqs, lengths)).float()
-        loss, _ = topk_kl_loss(logits, ids, teacher, torch.ones(tokens))
+        loss = distill_loss(LossConfig(), DistillInputs(  # SDPO's top-k KL, the default
+            weights=torch.ones(tokens), lengths=lengths, student_lp=torch.zeros(tokens),
+            student_buckets=logits.gather(-1, ids), teacher_buckets=teacher)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(handle.model.parameters(), 1.0)
         optimizer.step()

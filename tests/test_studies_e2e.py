@@ -113,3 +113,22 @@ def test_teachability_release_arms_run_and_report_release_diagnostics(tmp_path, 
     assert "Teachability: sampled-token advantage over 20 position bins" in out
     assert "Release rule diagnostics" in out
     assert (sweep.analysis / "teachability_bins.png").exists()
+
+
+@pytest.mark.slow
+def test_replay_of_a_quickstart_run_reproduces_the_loss_it_logged_during_training(tmp_path, capsys):
+    # The quickstart with one SDPO step (bundled SmolLM2, regen teacher): replay recomputes the
+    # step's loss from its shard alone, and the variants on the same tokens.
+    sweep = run_config(tmp_path, "quickstart.toml", "train.steps=1", "task.num_problems=2",
+                       "rollout.max_new_tokens=48")
+    capsys.readouterr()
+    assert main(["replay", str(sweep.root), "--set", 'train.topk_normalization="tail_bucket"',
+                 "--variant", 'train.support="full" train.divergence="jsd"',
+                 "--variant", 'train.support="sampled" train.estimator="k3"']) == 0
+    out = capsys.readouterr().out
+    assert "agreement with the run's own loss" in out
+    summary = read_json(sweep.analysis / "replay" / "replay.json")
+    (trained,) = [s for s in summary["steps"] if s["logged"] is not None]
+    assert trained["step"] == 0
+    assert trained["as trained"] == pytest.approx(trained["logged"], rel=1e-5)
+    assert trained["support=full divergence=jsd"] > 0  # re-scored with the initial weights

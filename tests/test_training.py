@@ -6,11 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from hpcdistill.distill.objectives import topk_kl_loss
+from hpcdistill.distill.loss import DistillInputs, LossConfig, distill_loss
 from hpcdistill.launch.gpus import RoleDevices
 from hpcdistill.models.scoring import _project, response_hidden, score_rollouts
 from hpcdistill.spec.load import validate
 from hpcdistill.train.loop import collect_step, load_models, load_problems
+
+def topk_kl_loss(logits, ids, teacher_topk_lp, weights):
+    """SDPO's top-k KL (the distill objective's default) on live logits and recorded teacher log-probs."""
+    out = distill_loss(LossConfig(), DistillInputs(weights=weights, lengths=[len(weights)], student_lp=weights * 0,
+                                                   student_buckets=logits.gather(-1, ids),
+                                                   teacher_buckets=teacher_topk_lp))
+    return out.loss, out.metrics
+
 
 SPEC = {
     "experiment": {"name": "one-step"},

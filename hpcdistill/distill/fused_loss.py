@@ -17,7 +17,7 @@ Losses (objectives.py conventions, seed 000 / GKD; the teacher is a constant):
     forward_kl  KL(p_T || p_S)        d/ds = p_S - p_T
     jsd(beta)   beta KL(p_T||M) + (1-beta) KL(p_S||M), M = beta p_T + (1-beta) p_S
                 d/ds = p_S * (u - E_S[u]),  u = (1-beta)(log p_S - log M);  beta = 0 / 1 are
-                forward / reverse KL (TRL's convention, as objectives.jsd_loss)
+                forward / reverse KL (TRL's convention, as distill.loss.bucket_divergence)
     topk_kl     seed 000: the student's top-k ids of each row, log_softmax over the k-slice on
                 each side, KL(s || t); gradient only at those k ids (the selection is constant)
 Reduction (objectives.py): loss = sum_t w_t m_t l_t / max(sum_t m_t, 1).

@@ -1,4 +1,8 @@
-"""Training objectives: one function per formula, over flattened response tokens.
+"""Training objectives besides the distill loss: one function per formula, over flattened tokens.
+
+The distill objective (top-k / full / sampled-token supports, every divergence) is
+`hpcdistill.distill.loss`; this module holds ExOPD, seed 004's context distillation, off-policy
+SFT and the KL anchor to the initial student.
 
 Shapes: N = number of response tokens in the batch (rollouts flattened), V = vocabulary size,
 k = top-k size, B = number of rollouts. Every objective returns (loss, metrics): a scalar loss
@@ -41,28 +45,6 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
-def topk_kl_loss(
-    student_logits: torch.Tensor,
-    student_topk_ids: torch.Tensor,
-    teacher_topk_lp: torch.Tensor,
-    weights: torch.Tensor,
-    loss_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, Metrics]:
-    """SDPO top-k KL(student || teacher) (seed 000, "KL Divergence Computation").
-
-    student_logits: [N, V]; student_topk_ids: [N, k] the student's top-k ids (by its logits);
-    teacher_topk_lp: [N, k] teacher log-probs (or logits) at those ids; weights: [N].
-    Both sides are renormalised with log_softmax over the k-slice, then
-    KL = sum_k p_s (log p_s - log p_t) per token.
-    """
-    student_lp = F.log_softmax(student_logits.gather(-1, student_topk_ids), dim=-1)  # [N, k]
-    teacher_lp = F.log_softmax(teacher_topk_lp.detach().to(student_lp.dtype), dim=-1)  # [N, k]
-    kl = _kl(student_lp, teacher_lp)  # [N]
-    valid = _valid(weights, loss_mask)
-    loss = _weighted_mean(kl, weights, valid)
-    return loss, {"loss": loss.detach(), "topk_kl": _masked_mean(kl, valid)}
-
-
 def full_kl_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -89,39 +71,6 @@ def full_kl_loss(
     return loss, {"loss": loss.detach(), f"{direction}_kl": _masked_mean(kl, valid)}
 
 
-def jsd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    weights: torch.Tensor,
-    beta: float = 0.5,
-    loss_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, Metrics]:
-    """Generalised JSD of GKD (Agarwal et al. 2024, eq. 1), with TRL's convention for beta.
-
-    student_logits, teacher_logits: [N, V]; weights: [N]. With M = beta p_T + (1 - beta) p_S:
-      0 < beta < 1:  JSD_beta = beta KL(p_T || M) + (1 - beta) KL(p_S || M)
-      beta = 0:      KL(p_T || p_S)   (forward KL)
-      beta = 1:      KL(p_S || p_T)   (reverse KL)
-    As in TRL's GKDTrainer the endpoints are defined as the KLs: the interior formula itself tends
-    to 0 at both ends, so JSD_beta is not continuous in beta at 0 and 1.
-    """
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
-    student_lp = F.log_softmax(student_logits, dim=-1)
-    teacher_lp = F.log_softmax(teacher_logits.detach().to(student_lp.dtype), dim=-1)
-    if beta == 0.0:
-        jsd = _kl(teacher_lp, student_lp)
-    elif beta == 1.0:
-        jsd = _kl(student_lp, teacher_lp)
-    else:
-        beta_t = torch.tensor(beta, dtype=student_lp.dtype, device=student_lp.device)
-        mixture_lp = torch.logsumexp(torch.stack([teacher_lp + beta_t.log(), student_lp + (1 - beta_t).log()]), dim=0)
-        jsd = beta * _kl(teacher_lp, mixture_lp) + (1 - beta) * _kl(student_lp, mixture_lp)
-    valid = _valid(weights, loss_mask)
-    loss = _weighted_mean(jsd, weights, valid)
-    return loss, {"loss": loss.detach(), "jsd": _masked_mean(jsd, valid)}
-
-
 def _policy_gradient(
     student_lp: torch.Tensor,
     advantages: torch.Tensor,
@@ -135,34 +84,6 @@ def _policy_gradient(
     else:
         surrogate = advantages * torch.exp(student_lp - sampler_lp.detach())  # importance sampling
     return -_weighted_mean(surrogate, weights, valid)
-
-
-def opd_advantage_loss(
-    student_lp: torch.Tensor,
-    teacher_lp: torch.Tensor,
-    weights: torch.Tensor,
-    sampler_lp: torch.Tensor | None = None,
-    loss_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, Metrics]:
-    """OPD advantage objective (seed 002 sec. 3): A_t = log p_T(y_t) - log p_S(y_t), detached.
-
-    student_lp: [N] student log-prob of each sampled token (with grad); teacher_lp: [N]; weights: [N];
-    sampler_lp: [N] log-probs of the sampling engine, or None when the student sampled on-policy.
-    Loss = -sum_t w_t A_t rho_t / n_valid, rho_t = exp(lp_t - sampler_lp_t) (grad rho A grad lp),
-    or -sum_t w_t A_t lp_t without a sampler (REINFORCE). With rescaled release weights this is
-    seed 002's reweighted advantage w_t A_t.
-    """
-    advantages = (teacher_lp.detach() - student_lp.detach()).to(student_lp.dtype)
-    valid = _valid(weights, loss_mask)
-    loss = _policy_gradient(student_lp, advantages, weights, sampler_lp, valid)
-    mean = _masked_mean(advantages, valid)
-    std = _masked_mean((advantages - mean) ** 2, valid).sqrt()
-    return loss, {
-        "loss": loss.detach(),
-        "advantage_mean": mean,
-        "advantage_std": std,  # the dispersion diagnostic of seed 002 sec. 3
-        "teacher_kl": -mean,  # sampled-token estimate of KL(student || teacher)
-    }
 
 
 def exopd_advantage_loss(
@@ -182,7 +103,8 @@ def exopd_advantage_loss(
         A_t = alpha (log p_T - log p_ref) - (log p_S - log p_ref),
     alpha = 1 is plain OPD, alpha > 1 extrapolates (ExOPD). reference_lp: [N] log-probs of the
     reference model (e.g. the initial student); None takes the current student, which gives
-    A_t = alpha (log p_T - log p_S). Loss and shapes as in `opd_advantage_loss`.
+    A_t = alpha (log p_T - log p_S). Loss: -sum_t w_t A_t rho_t / n_valid, rho_t = exp(lp_t - sampler_lp_t)
+    (or -sum w A lp without a sampler); shapes: [N].
     """
     current = student_lp.detach()
     reference = current if reference_lp is None else reference_lp.detach().to(current.dtype)
