@@ -168,7 +168,9 @@ def cmd_replay(args) -> int:
     except ModelError as exc:
         log.warning("token text not shown: %s", exc)
         tokenizer = None
-    out_dir = sweep_dir / "analysis" / "replay"
+    from hpcdistill.launch.paths import SweepPaths
+
+    out_dir = SweepPaths(sweep_dir).replay
     sections = [f"# Loss replay of `{sweep_dir.name}`\n"]
     sections += replay_report(result, out_dir, print_tables=True, top=args.top, tokenizer=tokenizer)
     if result.unreplayed:

@@ -75,10 +75,11 @@ def test_full_study_expands_to_160_runs_in_one_array():
 def test_small_study_runs_every_method_and_reports_status_and_cost(tmp_path, capsys):
     out = tmp_path / "runs"
     assert main(["submit", str(CONFIGS / "methods_small.toml"), "--executor", "debug",
-                 "--set", f'experiment.output_dir="{out}"', "--set", "experiment.num_seeds=2",
-                 "--set", "rollout.max_new_tokens=8", "--set", "eval.max_new_tokens=8"]) == 0
+                 "--set", f'experiment.output_dir="{out}"', "--set", "experiment.num_seeds=1",
+                 "--set", "rollout.max_new_tokens=8", "--set", "eval.max_new_tokens=8",
+                 "--set", "launch.cpus_per_task=2"]) == 0  # one seed: every method once (CI time)
     text = capsys.readouterr().out
-    assert "16 runs submitted" in text
+    assert "8 runs submitted" in text
     assert "Methods: downstream accuracy and status" in text and "Cost per method" in text
     for method in ["on_policy_gkd", "hybrid", "extended_on_policy", "teacher_seeded", "mixture",
                    "replay_buffer", "kl_anchored", "reverse_curriculum"]:

@@ -44,11 +44,12 @@ def synthetic_batch(tokenizer, step: int):
     for text, length in zip(texts, (12, 9, 15, 6)):
         prompt = tokenizer(text)["input_ids"]
         response = rng.integers(100, 5000, size=length).tolist()
-        scores = SimpleNamespace(
-            student_lp=np.zeros(length, np.float32),
+        scores = SimpleNamespace(  # what the top-k objective reads of an Item's TokenScores
+            student_lp=np.zeros(length, np.float32), teacher_lp=np.zeros(length, np.float32),
             student_topk_ids=np.stack([rng.choice(5000, TOP_K, replace=False) for _ in range(length)]).astype(np.int32),
             teacher_at_student_topk_lp=rng.normal(-3.0, 1.0, size=(length, TOP_K)).astype(np.float32))
-        items.append(SimpleNamespace(student_seq=(prompt, response), scores=scores))
+        items.append(SimpleNamespace(student_seq=(prompt, response), scores=scores, teacher_signal=True,
+                                     generation=SimpleNamespace(sampler_lp=np.zeros(length, np.float32))))
         weights.append(np.ones(length, np.float32))
     return items, weights
 

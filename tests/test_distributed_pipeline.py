@@ -228,3 +228,55 @@ def test_an_error_inside_a_rank_fails_the_run_with_rank_zeros_message(tmp_path):
     assert status["state"] == "failed" and status["trainer"] == {"strategy": "fsdp", "ranks": 2}
     assert "trainer ranks exited with status" in status["error"]
     assert "LaunchError: trainer.strategy = 'fsdp' needs a model with .model.layers" in status["error"]
+
+
+EMA_SPEC = """
+[experiment]
+name = "{name}"
+output_dir = "{out}"
+[model]
+student = "tiny-random:0"
+device = "cpu"
+[task]
+name = "math"
+num_problems = 2
+[rollout]
+samples_per_problem = 1
+max_new_tokens = 8
+[teacher]
+context = "system_prompt"
+system_prompt = "Think step by step."
+weights = "ema"
+ema_rate = 0.5
+[train]
+steps = 2
+lr = 1e-2
+[trainer]
+strategy = "{strategy}"
+zero_stage = 3
+nproc = 2
+[launch]
+executor = "local"
+time = "00:20:00"
+cpus_per_task = 2
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
+def test_an_ema_teacher_under_sharded_weights_follows_the_single_process_average(tmp_path, strategy):
+    # FSDP2 and ZeRO-3 hold no whole copy of the student on any rank: every rank gathers the new
+    # weights after each update (Trainer.gathered_state_dict) to move its EMA teacher. Step 1 is
+    # scored against that teacher, so its KL matches the single process only if the average does.
+    def run(name, strategy):
+        path = tmp_path / f"{name}.toml"
+        path.write_text(EMA_SPEC.format(name=name, out=tmp_path / "runs", strategy=strategy))
+        return run_to_completion(path)
+
+    single, sharded = run("single", "single"), run(strategy, strategy)
+    assert read_json(sharded.status)["trainer"] == {"strategy": strategy, "ranks": 2}
+    for step in (0, 1):
+        want, got = shard_metrics(single, step), shard_metrics(sharded, step)
+        assert got["topk_kl_mean"] == pytest.approx(want["topk_kl_mean"], rel=1e-4), step
+    assert shard_metrics(single, 1)["topk_kl_mean"] != pytest.approx(shard_metrics(single, 0)["topk_kl_mean"],
+                                                                     rel=1e-3)  # the teacher moved

@@ -56,7 +56,18 @@ class LossConfig:
 
     @classmethod
     def from_train(cls, train) -> "LossConfig":
-        return cls(**{name: getattr(train, name) for name in cls.__dataclass_fields__})
+        """From a `TrainSpec`; a legacy objective name (a Spec built without the loader) is read
+        as its preset (`spec.rules.LEGACY_OBJECTIVES`)."""
+        from hpcdistill.spec.rules import LEGACY_OBJECTIVES
+
+        values = {name: getattr(train, name) for name in cls.__dataclass_fields__}
+        return cls(**(values | LEGACY_OBJECTIVES.get(train.objective, {})))
+
+    @staticmethod
+    def applies_to(objective: str) -> bool:
+        from hpcdistill.spec.rules import LEGACY_OBJECTIVES
+
+        return objective == "distill" or objective in LEGACY_OBJECTIVES
 
     @property
     def tail(self) -> bool:

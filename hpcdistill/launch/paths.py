@@ -5,12 +5,13 @@ Layout:
         manifest.json                        spec text, hash, versions, run ids, job ids
         spec.toml                            the submitted spec, merged (extends + --set)
         logs/                                submitit's folder: scripts, pickles, stdout/stderr
+        analysis/ (replay/)                  `analyze` (and `replay`) reports, tables, figures
         <run_id>/                            RunPaths.root, one per run
             spec.toml                        the run's resolved spec (its seed, no sweep)
             run.json                         run id, seed, overrides, spec hash
             status.json                      state (running / completed / failed), times, error
             shards/step_000000.h5            one HDF5 shard per step, written atomically
-            checkpoint/                      trainer state at the last completed step
+            checkpoint/                      trainer state at the last completed step (+ the EMA teacher)
             model/                           the final student (train.save_model), loadable by id
             worker.log                       the worker's log
 """
@@ -48,6 +49,11 @@ class SweepPaths:
     @property
     def analysis(self) -> Path:
         return self.root / "analysis"
+
+    @property
+    def replay(self) -> Path:
+        """`hpcdistill replay`'s report.md, replay.json and figure."""
+        return self.analysis / "replay"
 
     def run(self, run_id: str) -> "RunPaths":
         return RunPaths(self.root / run_id)

@@ -68,7 +68,9 @@ class ModelHandle:
 
     @property
     def vocab_size(self) -> int:
-        return int(self.model.get_output_embeddings().weight.shape[0])
+        # The config, not the lm_head's shape: under ZeRO-3 a partitioned weight reads as [0].
+        config_size = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        return int(config_size) if config_size else int(self.model.get_output_embeddings().weight.shape[0])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -54,6 +54,10 @@ class LogitMix:
     def get_output_embeddings(self):
         return self.models()[-1][0].get_output_embeddings()
 
+    @property
+    def config(self):
+        return self.models()[-1][0].config
+
     def eval(self) -> "LogitMix":
         return self
 

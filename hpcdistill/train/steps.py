@@ -127,7 +127,7 @@ def distill_inputs(config: LossConfig, models: Models, items: list[Item], weight
     log-probs that scoring recorded for each item (`TokenScores`); the full support runs the teacher."""
     device = student_logits.device
     scores = [it.scores for it in items]
-    lengths = [len(sc) for sc in scores]
+    lengths = [len(sc.student_lp) for sc in scores]
     valid = _cat([np.full(n, float(it.teacher_signal), np.float32) for it, n in zip(items, lengths)], device)
     y = _cat([np.asarray(it.student_seq[1][:n]) for it, n in zip(items, lengths)], device, torch.long)
     needs_lse = config.support == "sampled" or config.tail or config.is_clip is not None
@@ -139,12 +139,12 @@ def distill_inputs(config: LossConfig, models: Models, items: list[Item], weight
         sampler_lp=_cat([np.asarray(it.generation.sampler_lp[:n], np.float32) for it, n in zip(items, lengths)],
                         device))
     if config.support == "topk":
-        ids, mask = support_ids(_cat([sc.student_topk_ids for sc in scores], device, torch.long),
-                                _cat([sc.teacher_topk_ids for sc in scores], device, torch.long), config.topk_support)
-        at_student = _cat([sc.teacher_at_student_topk_lp for sc in scores], device)
-        at_teacher = _cat([sc.teacher_topk_lp for sc in scores], device)
-        teacher_at = {"student": at_student, "teacher": at_teacher,
-                      "union": torch.cat([at_student, at_teacher], -1)}[config.topk_support]
+        which = config.topk_support
+        teacher_ids = None if which == "student" else _cat([sc.teacher_topk_ids for sc in scores], device, torch.long)
+        ids, mask = support_ids(_cat([sc.student_topk_ids for sc in scores], device, torch.long), teacher_ids, which)
+        teacher_at = torch.cat(
+            ([_cat([sc.teacher_at_student_topk_lp for sc in scores], device)] if which != "teacher" else [])
+            + ([_cat([sc.teacher_topk_lp for sc in scores], device)] if which != "student" else []), -1)
         student_at = student_logits.gather(-1, ids) - (lse[:, None] if config.tail else 0.0)
         batch.student_buckets, batch.teacher_buckets, batch.bucket_mask = topk_buckets(
             student_at, teacher_at, mask, config.topk_normalization)
@@ -175,10 +175,10 @@ def objective_loss(spec: Spec, models: Models, items: list[Item], weights: list[
     name = train.objective
     logits = _student_logits(models, items, grad=True)
     student_logits = torch.cat(logits)  # [N, V]
-    if name == "distill":
+    if LossConfig.applies_to(name):
         config = LossConfig.from_train(train)
         out = distill_loss(config, distill_inputs(config, models, items, weights, student_logits))
-        for item, terms in zip(items, torch.split(out.terms, [len(it.scores) for it in items])):
+        for item, terms in zip(items, torch.split(out.terms, [len(it.scores.student_lp) for it in items])):
             item.train_loss = terms.float().cpu().numpy()
         return _metrics(out.loss, out.metrics)
     ids = torch.as_tensor(np.concatenate([it.student_seq[1][:len(it.scores.student_lp)] for it in items]),
