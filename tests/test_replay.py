@@ -77,43 +77,33 @@ def test_replaying_a_runs_own_loss_reproduces_the_loss_it_logged(tmp_path, name)
 
 
 def _true_grad_l1(batch, config_overrides: dict) -> np.ndarray:
-    """|| d(w_t l_t c_t)/d z_t ||_1 from a live forward of the initial weights (step 0), autograd."""
+    """|| d(w_t l_t c_t)/d z_t ||_1 from a live forward of the initial weights (step 0), autograd
+    through the training path (`steps.distill_inputs` on the model's logits)."""
+    from types import SimpleNamespace
+
     from hpcdistill.distill.loss import LossConfig, distill_loss
     from hpcdistill.launch.gpus import RoleDevices
+    from hpcdistill.models.scoring import _project, response_hidden
     from hpcdistill.spec.load import set_dotted, validate
-    from hpcdistill.train.loop import Item, load_models
+    from hpcdistill.train.loop import load_models
     from hpcdistill.train.steps import distill_inputs
 
     data = batch.spec_data
     for k, v in config_overrides.items():
         data = set_dotted(data, k, v)
-    spec = validate(data, {}, "test")
+    config = LossConfig.from_train(validate(data, {}, "test").train)
     models = load_models(validate({**data, "train": {**data["train"], "steps": 0}}, {}, "test"),
                          RoleDevices((), (), ()))
-    tok = models.student.tokenizer
     offsets = np.cumsum([0, *batch.lengths])
     out = []
-    for i, row in enumerate(batch.rows):
-        lo, hi = offsets[i], offsets[i + 1]
-        ids = batch.tokens["ids"][lo:hi].tolist()
-        from hpcdistill.models.scoring import _project, response_hidden
-
-        seq = (tok.encode(row["prompt_text"], add_special_tokens=False), ids)
+    for row, lo, hi in zip(batch.rows, offsets[:-1], offsets[1:]):
+        tokens = {name: values[lo:hi] for name, values in batch.tokens.items()}
+        seq = (models.student.tokenizer.encode(row["prompt_text"], add_special_tokens=False), tokens["ids"].tolist())
         logits = _project(models.student.model, response_hidden(models.student, [seq], [hi - lo])).float()
         logits = logits.detach().requires_grad_(True)
-
-        class Scores:  # the recorded scores of this rollout, as an item carries them
-            def __len__(self):
-                return hi - lo
-        scores = Scores()
-        for name in ("student_topk_ids", "teacher_topk_ids", "teacher_at_student_topk_lp", "teacher_topk_lp",
-                     "teacher_lp"):
-            setattr(scores, name, batch.tokens[name][lo:hi])
-        gen = type("G", (), {"sampler_lp": batch.tokens["sampler_lp"][lo:hi]})()
-        item = Item(None, 0, "original", seq, seq, gen, "", None, scores)
-        config = LossConfig.from_train(spec.train)
-        weights = batch.tokens["mask"][lo:hi]
-        loss = distill_loss(config, distill_inputs(config, models, [item], [weights], logits)).loss
+        item = SimpleNamespace(student_seq=seq, scores=SimpleNamespace(**tokens), teacher_signal=True,
+                               generation=SimpleNamespace(sampler_lp=tokens["sampler_lp"]))
+        loss = distill_loss(config, distill_inputs(config, models, [item], [tokens["mask"]], logits)).loss
         (grad,) = torch.autograd.grad(loss * (hi - lo), logits)
         out.append(grad.abs().sum(-1).numpy())
     return np.concatenate(out)
