@@ -51,7 +51,8 @@ def build(vocab: int, seed: int):
 
 
 def naive_scores(student, teacher, s_seq, t_seq, k: int, full_vocab: bool) -> dict:
-    """The baseline: full logits of both models, full log-softmax, then gather."""
+    """The baseline: full logits of both models, full log-softmax, then gather; the same outputs as
+    `score_rollouts` (top-k of both sides, teaching-signal diagnostics, full KL, entropies)."""
     import torch
 
     with torch.inference_mode():
@@ -65,9 +66,15 @@ def naive_scores(student, teacher, s_seq, t_seq, k: int, full_vocab: bool) -> di
         ids = torch.topk(ls, k, dim=-1).indices
         ss = torch.log_softmax(ls.gather(-1, ids), -1)
         tt = torch.log_softmax(lt.gather(-1, ids), -1)
+        top_t = torch.topk(lt, k, dim=-1)  # the teacher's own top-k and the diagnostics, as scoring
         res = {"student_lp": ls.gather(-1, tok)[:, 0], "teacher_lp": lt.gather(-1, tok)[:, 0],
                "topk_kl": (ss.exp() * (ss - tt)).sum(-1),
-               "entropy_s": -(ls.exp() * ls).sum(-1), "entropy_t": -(lt.exp() * lt).sum(-1)}
+               "entropy_s": -(ls.exp() * ls).sum(-1), "entropy_t": -(lt.exp() * lt).sum(-1),
+               "student_at_teacher_topk_lp": ls.gather(-1, top_t.indices),
+               "student_topk_mass": ls.gather(-1, ids).exp().sum(-1), "teacher_topk_mass": top_t.values.exp().sum(-1),
+               "teacher_mass_at_student_topk": lt.gather(-1, ids).exp().sum(-1),
+               "student_mass_at_teacher_topk": ls.gather(-1, top_t.indices).exp().sum(-1),
+               "topk_overlap": (ids[:, :, None] == top_t.indices[:, None, :]).any(-1).float().mean(-1)}
         if full_vocab:
             res["full_kl"] = (ls.exp() * (ls - lt)).sum(-1)
         return {name: v.numpy() for name, v in res.items()}

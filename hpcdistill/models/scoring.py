@@ -123,10 +123,13 @@ class TeacherLogits:
         return self.parts[0][2].shape[0]
 
     def chunk(self, c0: int, c1: int) -> torch.Tensor:
+        if len(self.parts) == 1 and self.parts[0][1] == 1.0:  # a plain teacher: no [C, V] copy
+            model, _, hidden = self.parts[0]
+            return _project(model, hidden[c0:c1]).float()
         out = None
         for model, weight, hidden in self.parts:
             logits = _project(model, hidden[c0:c1]).float()
-            out = logits * weight if out is None else out + weight * logits
+            out = logits.mul_(weight) if out is None else out.add_(logits, alpha=weight)
         return out
 
 
@@ -166,8 +169,7 @@ def score_rollouts(student: ModelHandle, teacher: ModelHandle, student_seqs: lis
             teacher_logits = TeacherLogits(teacher, [teacher_seqs[i] for i in idx], Ts)
             s_tok = torch.tensor([x for i in idx for x in student_seqs[i][1][:lengths[i]]])  # [N]
             t_tok = torch.tensor([x for i in idx for x in teacher_seqs[i][1][:lengths[i]]])  # [N]
-            parts = [_score_chunk(student, _project(student.model, hs[c:c + chunk_size]),
-                                  teacher_logits.chunk(c, c + chunk_size), s_tok[c:c + chunk_size],
+            parts = [_score_chunk(student, hs[c:c + chunk_size], teacher_logits, c, s_tok[c:c + chunk_size],
                                   t_tok[c:c + chunk_size], k, full_vocab, token_sets)
                      for c in range(0, hs.shape[0], chunk_size)]
             flat = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
@@ -191,12 +193,14 @@ def topk_overlap(ids_a: torch.Tensor, ids_b: torch.Tensor) -> torch.Tensor:
     return (ordered.gather(-1, pos) == ids_b).float().mean(-1)
 
 
-def _score_chunk(student: ModelHandle, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+def _score_chunk(student: ModelHandle, hs: torch.Tensor, teacher: TeacherLogits, c0: int,
                  s_tok: torch.Tensor, t_tok: torch.Tensor, k: int, full_vocab: bool,
                  token_sets: dict[str, list[int]] | None = None) -> dict[str, np.ndarray]:
-    """All scores for C positions. *_logits: [C, V]; s_tok, t_tok: [C] -> dict of [C] / [C, k] arrays."""
-    ls = log_softmax_fp32(student_logits)  # [C, V] float32
-    lt = log_softmax_fp32(teacher_logits).to(ls.device)  # [C, V] float32
+    """All scores for C positions from c0. hs: [C, H] student hidden states; s_tok, t_tok: [C]
+    -> dict of [C] / [C, k] arrays. The logits are projected here, so each [C, V] temporary is
+    freed as soon as its log-softmax exists."""
+    ls = log_softmax_fp32(_project(student.model, hs))  # [C, V] float32
+    lt = log_softmax_fp32(teacher.chunk(c0, c0 + hs.shape[0])).to(ls.device)  # [C, V] float32
     ps = ls.exp()  # [C, V], shared by the student entropy and the full KL
     ids = torch.topk(ls, k, dim=-1).indices  # [C, k], descending
     top_t = torch.topk(lt, k, dim=-1)
