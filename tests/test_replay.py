@@ -9,7 +9,6 @@ import torch
 
 from hpcdistill.analysis.replay import BASELINE, parse_variants, read_batches, replay_sweep
 from hpcdistill.cli import main
-from hpcdistill.errors import SpecError
 from hpcdistill.launch.paths import read_json
 from hpcdistill.launch.submit import submit
 from hpcdistill.spec import load_spec
