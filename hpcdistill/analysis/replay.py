@@ -70,11 +70,12 @@ def parse_variants(sets: list[str] | None, variants: list[str] | None) -> list[V
     out = []
     for items in groups:
         overrides = dict(parse_override(item) for item in items)
+        allowed = ", ".join(k + "*" if k.endswith(".") else k for k in REPLAYABLE)
         for key in overrides:
             if not (key.startswith("mask.") or key in REPLAYABLE):
                 raise SpecError(f"{SET_ORIGIN} {key}: replay recomputes the loss on the recorded tokens; "
                                 f"{key} would change the tokens or the teacher's log-probs (submit a new run "
-                                f"for that); replayable: {', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in REPLAYABLE)}")
+                                f"for that); replayable: {allowed}")
         name = " ".join(f"{k.removeprefix('train.')}={v}" for k, v in overrides.items())
         out.append(Variant(name, overrides))
     return out
