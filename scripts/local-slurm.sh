@@ -57,7 +57,7 @@ start_munge() {
   install -d -o munge -g munge -m 755 /run/munge
   install -d -o munge -g munge -m 700 /var/log/munge /var/lib/munge
   log "starting munged"
-  runuser -u munge -- /usr/sbin/munged --force
+  runuser -u munge -- /usr/sbin/munged --force 9>&-  # the daemon must not keep our lock
   install -d -m 755 "$STATE_DIR"
   touch "$MUNGE_STARTED_MARK"
   for _ in $(seq 50); do munge_works && return 0; sleep 0.2; done
@@ -228,13 +228,13 @@ start() {
   fi
   if ! daemon_pid slurmctld >/dev/null; then
     log "starting slurmctld"
-    slurmctld || { show_logs; die "slurmctld failed to start"; }
+    slurmctld 9>&- || { show_logs; die "slurmctld failed to start"; }
   fi
   # scontrol answers once slurmctld is listening.
   for _ in $(seq 50); do scontrol ping >/dev/null 2>&1 && break; sleep 0.2; done
   if ! daemon_pid slurmd >/dev/null; then
     log "starting slurmd"
-    slurmd -N localhost || { show_logs; die "slurmd failed to start"; }
+    slurmd -N localhost 9>&- || { show_logs; die "slurmd failed to start"; }
   fi
   wait_for_node || exit 1
   sinfo
