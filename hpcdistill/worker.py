@@ -162,6 +162,15 @@ def _drop_resume_state(paths: RunPaths) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+def requeue_raced(exc: BaseException) -> bool:
+    """True for the `scontrol requeue` of submitit's preemption handler killed by a signal: Slurm
+    signals a job it requeues, and under load the signal can reach scontrol before it exits."""
+    import subprocess
+
+    return (isinstance(exc, subprocess.CalledProcessError) and exc.returncode < 0
+            and list(exc.cmd)[:2] == ["scontrol", "requeue"])
+
+
 def run(run_dir: str | Path) -> dict:
     """Run (or resume) one run; returns its final status."""
     paths = RunPaths(Path(run_dir).absolute())
@@ -196,6 +205,13 @@ def run(run_dir: str | Path) -> dict:
 
                 summary = run_pipeline(spec, paths, roles)
         except BaseException as exc:
+            if requeue_raced(exc):
+                # submitit's preemption handler ran `scontrol requeue`, and Slurm, having accepted the
+                # requeue, signalled the job's processes before that scontrol exited: the requeue
+                # went through. Leave as a preempted task does (no failure recorded for submitit).
+                _set_status(paths, state="requeued", ended=_now())
+                log.warning("run %s: requeued (scontrol was stopped by the requeue it asked for)", paths.run_id)
+                sys.exit(-1)
             interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
             _set_status(paths, state="interrupted" if interrupted else "failed",
                         error=f"{type(exc).__name__}: {exc}", ended=_now())

@@ -103,3 +103,16 @@ def test_cleanenv_container_gets_slurm_submitit_and_named_variables_by_name(tmp_
     assert "APPTAINERENV_CUDA_VISIBLE_DEVICES=0,1" in out
     assert "UNSET_NAME" not in out and "OTHER" not in out
     assert PLANTED not in command  # but never in the command or script
+
+
+def test_a_requeue_whose_scontrol_the_requeue_itself_killed_counts_as_requeued_not_failed():
+    import signal
+    import subprocess
+
+    from hpcdistill.worker import requeue_raced
+
+    killed = subprocess.CalledProcessError(-signal.SIGTERM, ["scontrol", "requeue", "26"])
+    assert requeue_raced(killed)
+    assert not requeue_raced(subprocess.CalledProcessError(1, ["scontrol", "requeue", "26"]))  # a real refusal
+    assert not requeue_raced(subprocess.CalledProcessError(-signal.SIGTERM, ["sbatch", "x"]))
+    assert not requeue_raced(RuntimeError("scontrol requeue"))

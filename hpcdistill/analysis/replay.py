@@ -290,8 +290,12 @@ class Rescorer:
             if hi == lo:
                 continue
             ids = batch.tokens["ids"][lo:hi].tolist()
+            teacher_prompt = row.get("teacher_prompt_text") or ""
+            if not teacher_prompt or not row.get("prompt_text"):
+                raise Unreplayable(f"{batch.path}: full-vocabulary replay re-scores from the recorded prompts; "
+                                   "this shard has no rollouts/teacher_prompt_text (written before schema 1.1)")
             s_seq = (tok.encode(row["prompt_text"], add_special_tokens=False), ids)
-            t_seq = (tok.encode(row.get("teacher_prompt_text") or row["prompt_text"], add_special_tokens=False), ids)
+            t_seq = (tok.encode(teacher_prompt, add_special_tokens=False), ids)
             with torch.no_grad():
                 student = _project(models.student.model, response_hidden(models.student, [s_seq], [hi - lo])).double()
                 teacher = TeacherLogits(models.teacher, [t_seq], [hi - lo]).chunk(0, hi - lo).double()
