@@ -91,13 +91,6 @@ def self_teacher(weights: str, student: ModelHandle, *, mix: float = 0.05) -> Mo
                        device=student.device, dtype=student.dtype, stop_token_ids=student.stop_token_ids)
 
 
-def initial_model(teacher: ModelHandle) -> torch.nn.Module | None:
-    """The frozen initial student inside an `initial` or `trust_region` teacher, else None."""
-    if isinstance(teacher.model, LogitMix):
-        return teacher.model.members[0][0]()
-    return None
-
-
 @torch.no_grad()
 def ema_update(teacher: torch.nn.Module, student_state: Mapping[str, torch.Tensor], rate: float) -> None:
     """theta_T <- (1 - rate) theta_T + rate theta_S, parameter by parameter (by name)."""
@@ -139,5 +132,5 @@ def load_ema(path: Path, teacher: torch.nn.Module) -> None:
         param.copy_(state[name].to(param.device, param.dtype))
 
 
-__all__ = ["LogitMix", "teacher_members", "self_teacher", "initial_model", "ema_update", "student_weights",
+__all__ = ["LogitMix", "teacher_members", "self_teacher", "ema_update", "student_weights",
            "ema_state", "save_ema", "load_ema", "EMA_FILE"]
