@@ -11,38 +11,14 @@ from hpcdistill.cli import main
 from hpcdistill.launch.submit import submit
 from hpcdistill.record import iter_shards
 from hpcdistill.spec import load_spec
-
-SPEC = """
-[experiment]
-name = "diag"
-output_dir = "{out}"
-[model]
-student = "tiny-random:0"
-device = "cpu"
-[task]
-name = "math"
-num_problems = 2
-[rollout]
-samples_per_problem = 3
-max_new_tokens = 9
-[teacher]
-context = "demonstration"
-demonstration_threshold = 0.0
-demonstration_feedback = "never"
-[scoring]
-top_k = 6
-full_vocab = true
-[train]
-steps = 1
-lr = 1e-2
-"""
-
+from tinyspec import tiny_spec
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    out = tmp_path_factory.mktemp("diag")
-    path = out / "s.toml"
-    path.write_text(SPEC.format(out=out / "runs"))
+    path = tiny_spec(tmp_path_factory.mktemp("diag"), "diag", rollout={"samples_per_problem": 3, "max_new_tokens": 9},
+                     teacher={"context": "demonstration", "demonstration_threshold": 0.0,
+                              "demonstration_feedback": "never"},
+                     scoring={"top_k": 6, "full_vocab": True}, train={"steps": 1})
     return submit(load_spec(path), executor="debug").sweep.root
 
 

@@ -230,48 +230,20 @@ def test_an_error_inside_a_rank_fails_the_run_with_rank_zeros_message(tmp_path):
     assert "LaunchError: trainer.strategy = 'fsdp' needs a model with .model.layers" in status["error"]
 
 
-EMA_SPEC = """
-[experiment]
-name = "{name}"
-output_dir = "{out}"
-[model]
-student = "tiny-random:0"
-device = "cpu"
-[task]
-name = "math"
-num_problems = 2
-[rollout]
-samples_per_problem = 1
-max_new_tokens = 8
-[teacher]
-context = "system_prompt"
-system_prompt = "Think step by step."
-weights = "ema"
-ema_rate = 0.5
-[train]
-steps = 2
-lr = 1e-2
-[trainer]
-strategy = "{strategy}"
-zero_stage = 3
-nproc = 2
-[launch]
-executor = "local"
-time = "00:20:00"
-cpus_per_task = 2
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
 def test_an_ema_teacher_under_sharded_weights_follows_the_single_process_average(tmp_path, strategy):
     # FSDP2 and ZeRO-3 hold no whole copy of the student on any rank: every rank gathers the new
     # weights after each update (Trainer.gathered_state_dict) to move its EMA teacher. Step 1 is
     # scored against that teacher, so its KL matches the single process only if the average does.
+    from tinyspec import tiny_spec
+
     def run(name, strategy):
-        path = tmp_path / f"{name}.toml"
-        path.write_text(EMA_SPEC.format(name=name, out=tmp_path / "runs", strategy=strategy))
-        return run_to_completion(path)
+        return run_to_completion(tiny_spec(
+            tmp_path, name, rollout={"samples_per_problem": 1, "max_new_tokens": 8},
+            teacher={"weights": "ema", "ema_rate": 0.5},
+            trainer={"strategy": strategy, "zero_stage": 3, "nproc": 2},
+            launch={"executor": "local", "time": "00:20:00", "cpus_per_task": 2}))
 
     single, sharded = run("single", "single"), run(strategy, strategy)
     assert read_json(sharded.status)["trainer"] == {"strategy": strategy, "ranks": 2}

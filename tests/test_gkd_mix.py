@@ -12,35 +12,12 @@ from hpcdistill.record import iter_shards
 from hpcdistill.spec import load_spec
 from hpcdistill.spec.load import validate
 from hpcdistill.tasks import Problem
+from tinyspec import tiny_spec
 from hpcdistill.train.steps import split_on_policy
 
-SPEC = """
-[experiment]
-name = "{name}"
-output_dir = "{out}"
-[model]
-student = "tiny-random:0"
-device = "cpu"
-[task]
-name = "math"
-num_problems = 4
-[rollout]
-samples_per_problem = 2
-max_new_tokens = 6
-[teacher]
-context = "system_prompt"
-system_prompt = "Think step by step."
-[train]
-steps = 3
-lr = 1e-2
-on_policy_fraction = {fraction}
-off_policy_loss = "{off}"
-"""
-
-
 def _steps(tmp_path, name, fraction, off):
-    path = tmp_path / f"{name}.toml"
-    path.write_text(SPEC.format(name=name, out=tmp_path / "runs", fraction=fraction, off=off))
+    path = tiny_spec(tmp_path, name, task={"num_problems": 4}, rollout={"max_new_tokens": 6},
+                     train={"steps": 3, "on_policy_fraction": fraction, "off_policy_loss": off})
     result = submit(load_spec(path), executor="debug")
     assert read_json(result.sweep.run(result.runs[0].run_id).status)["state"] == "completed"
     out = {}

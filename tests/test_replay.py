@@ -12,43 +12,23 @@ from hpcdistill.cli import main
 from hpcdistill.launch.paths import read_json
 from hpcdistill.launch.submit import submit
 from hpcdistill.spec import load_spec
+from tinyspec import tiny_spec
 
-TINY = """
-[experiment]
-name = "{name}"
-output_dir = "{out}"
-[model]
-student = "tiny-random:0"
-device = "cpu"
-[task]
-name = "math"
-num_problems = 2
-[rollout]
-samples_per_problem = 2
-max_new_tokens = 7
-[teacher]
-context = "system_prompt"
-system_prompt = "Think step by step."
-[train]
-steps = 2
-lr = 1e-2
-{train}
-"""
-
-TRAINED_WITH = {
-    "sdpo": "",
-    "union-tail-jsd": 'topk_support = "union"\ntopk_normalization = "tail_bucket"\ndivergence = "jsd"\nbeta = 0.3',
-    "teacher-forward-clip": 'topk_support = "teacher"\ndivergence = "forward"\nis_clip = 1.05',
-    "sampled-k3-gamma": 'support = "sampled"\nestimator = "k3"\ngamma = 0.8',
-    "sampled-k2-loss": 'support = "sampled"\nestimator = "k2"\nsampled_use = "loss"\ndivergence = "forward"',
-    "full-jsd": 'support = "full"\ndivergence = "jsd"\nbeta = 0.6',
-    "release-mask": '[mask]\nkind = "first_fraction"\nfraction = 0.4',
+TRAINED_WITH = {  # extra spec sections of each trained configuration
+    "sdpo": {},
+    "union-tail-jsd": {"train": {"topk_support": "union", "topk_normalization": "tail_bucket", "divergence": "jsd",
+                                 "beta": 0.3}},
+    "teacher-forward-clip": {"train": {"topk_support": "teacher", "divergence": "forward", "is_clip": 1.05}},
+    "sampled-k3-gamma": {"train": {"support": "sampled", "estimator": "k3", "gamma": 0.8}},
+    "sampled-k2-loss": {"train": {"support": "sampled", "estimator": "k2", "sampled_use": "loss",
+                                  "divergence": "forward"}},
+    "full-jsd": {"train": {"support": "full", "divergence": "jsd", "beta": 0.6}},
+    "release-mask": {"mask": {"kind": "first_fraction", "fraction": 0.4}},
 }
 
 
-def _run(tmp_path, name: str, train: str):
-    spec = tmp_path / f"{name}.toml"
-    spec.write_text(TINY.format(name=name, out=tmp_path / "runs", train=train))
+def _run(tmp_path, name: str, sections: dict):
+    spec = tiny_spec(tmp_path, name, **sections)
     result = submit(load_spec(spec), executor="debug")
     assert read_json(result.sweep.run(result.runs[0].run_id).status)["state"] == "completed"
     return result.sweep.root
@@ -116,7 +96,7 @@ def _true_grad_l1(batch, config_overrides: dict) -> np.ndarray:
     {"train.support": "sampled", "train.sampled_use": "loss", "train.estimator": "k2"},
 ])
 def test_replayed_gradient_weights_are_the_l1_norms_of_the_true_logit_gradients(tmp_path, overrides):
-    sweep = _run(tmp_path, "grads", "")
+    sweep = _run(tmp_path, "grads", {})
     variant = " ".join(f"{k}={v!r}".replace("'", '"') for k, v in overrides.items())
     result = replay_sweep(sweep, parse_variants(None, [variant or "mask.rescale=true"]))
     batch = next(b for b in read_batches(sweep) if b.step == 0)  # the initial weights are reloadable
@@ -128,7 +108,7 @@ def test_full_vocabulary_replay_rescores_step_zero_and_refuses_later_weights(tmp
     from hpcdistill.analysis import replay as replay_module
     from hpcdistill.record import ShardReader
 
-    sweep = _run(tmp_path, "full", "[scoring]\nfull_vocab = true")
+    sweep = _run(tmp_path, "full", {"scoring": {"full_vocab": True}})
     variant = parse_variants(['train.support="full"'], None)
     result = replay_sweep(sweep, variant)
     assert [e["step"] for e in result.steps] == [0]
@@ -152,7 +132,7 @@ def test_full_vocabulary_replay_rescores_step_zero_and_refuses_later_weights(tmp
     ([], "nothing to compare"),
 ])
 def test_replay_cli_refuses_what_it_cannot_recompute_with_one_message(tmp_path, capsys, args, needle):
-    sweep = _run(tmp_path, "refuse", "")
+    sweep = _run(tmp_path, "refuse", {})
     assert main(["replay", str(sweep), *args]) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") <= 2
@@ -160,7 +140,7 @@ def test_replay_cli_refuses_what_it_cannot_recompute_with_one_message(tmp_path, 
 
 
 def test_replay_cli_prints_the_variants_side_by_side_and_writes_the_report(tmp_path, capsys):
-    sweep = _run(tmp_path, "cli", "")
+    sweep = _run(tmp_path, "cli", {})
     assert main(["replay", str(sweep), "--set", 'train.divergence="forward"',
                  "--variant", 'train.topk_normalization="tail_bucket" train.divergence="jsd"', "--top", "3"]) == 0
     out = capsys.readouterr().out
