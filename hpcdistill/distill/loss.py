@@ -119,6 +119,13 @@ class LossOutput:
 # ---------------------------------------------------------------------------- supports
 
 
+def in_rows(ids: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
+    """[N, a] bool: is ids[n, i] among sets[n, :] (sort + binary search, O(k log k) per row)."""
+    ordered = sets.sort(dim=-1).values.contiguous()
+    pos = torch.searchsorted(ordered, ids.contiguous()).clamp(max=ordered.shape[-1] - 1)
+    return ordered.gather(-1, pos) == ids
+
+
 def support_ids(student_topk_ids: torch.Tensor, teacher_topk_ids: torch.Tensor | None, which: str
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The vocabulary ids of a top-k support and its entry mask. ids: [N, k] -> ([N, S], [N, S] | None).
@@ -134,9 +141,7 @@ def support_ids(student_topk_ids: torch.Tensor, teacher_topk_ids: torch.Tensor |
         return teacher_topk_ids, None
     if which != "union":
         raise ValueError(f"topk_support must be student, teacher or union, got {which!r}")
-    ordered = student_topk_ids.sort(dim=-1).values.contiguous()
-    pos = torch.searchsorted(ordered, teacher_topk_ids.contiguous()).clamp(max=ordered.shape[-1] - 1)
-    duplicate = ordered.gather(-1, pos) == teacher_topk_ids
+    duplicate = in_rows(teacher_topk_ids, student_topk_ids)
     ids = torch.cat([student_topk_ids, teacher_topk_ids], dim=-1)
     mask = torch.cat([torch.ones_like(duplicate), ~duplicate], dim=-1)
     return ids, mask
@@ -332,5 +337,5 @@ def distill_loss(config: LossConfig, batch: DistillInputs) -> LossOutput:
     return LossOutput(loss, terms.detach(), metrics)
 
 
-__all__ = ["LossConfig", "DistillInputs", "LossOutput", "support_ids", "with_tail", "topk_buckets", "bucket_log_probs",
+__all__ = ["LossConfig", "DistillInputs", "LossOutput", "in_rows", "support_ids", "with_tail", "topk_buckets", "bucket_log_probs",
            "bucket_divergence", "sampled_estimate", "discounted_returns", "distill_loss"]

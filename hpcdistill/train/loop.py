@@ -324,10 +324,14 @@ class Item:
         out.update(s.token_mass or {})
         if self.kind == "original":
             out["sampler_lp"] = np.asarray(self.generation.sampler_lp[:n], dtype=np.float32)
-            # the rollout engine's log p of each sampled token minus the trainer's recomputation:
-            # ~0 when both run the same weights; a weight-sync or numerics mismatch shows here
-            out["sampler_gap"] = np.asarray(self.generation.sampled_lp[:n], dtype=np.float32) - s.student_lp
+            out["sampler_gap"] = self.sampler_gap()
         return out
+
+    def sampler_gap(self) -> np.ndarray:
+        """[T] the rollout engine's log p of each sampled token minus the trainer's recomputation:
+        ~0 when both run the same weights; a weight-sync or numerics mismatch shows here."""
+        n = len(self.scores.student_lp)
+        return np.asarray(self.generation.sampled_lp[:n], dtype=np.float32) - self.scores.student_lp
 
 
 def teacher_generation_prompts(spec: Spec, models: Models, problems: list[Problem]) -> list[list[int]]:
@@ -480,9 +484,7 @@ def diagnostics_metrics(items: list[Item]) -> dict[str, float]:
     out = {f"diag/{name}": _token_mean([getattr(s, name) for s in scores]) for name in
            ("student_topk_mass", "teacher_topk_mass", "teacher_mass_at_student_topk",
             "student_mass_at_teacher_topk", "topk_overlap")}
-    gaps = [np.abs(np.asarray(it.generation.sampled_lp[:len(it.scores)], np.float64) - it.scores.student_lp)
-            for it in items if len(it.scores)]
-    out["diag/sampler_gap_abs"] = _token_mean(gaps)
+    out["diag/sampler_gap_abs"] = _token_mean([np.abs(it.sampler_gap()) for it in items if len(it.scores)])
     if all(s.full_kl is not None for s in scores):
         out["diag/topk_kl_error"] = _token_mean([s.topk_kl - s.full_kl for s in scores])
     out["diag/demonstration_rate"] = float(np.mean([it.demonstration >= 0 for it in items]))
