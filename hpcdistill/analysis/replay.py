@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from hpcdistill.distill.loss import (DistillInputs, LossConfig, bucket_log_probs, distill_loss, support_ids,
-                                     TAIL_LSE_MAX)
-from hpcdistill.distill.masks import build_masks
+from hpcdistill.distill.loss import (DistillInputs, LossConfig, bucket_log_probs, distill_loss, support_columns,
+                                     support_ids, topk_buckets, with_tail)
+from hpcdistill.distill.masks import spec_masks
 from hpcdistill.errors import SpecError
 from hpcdistill.record import iter_shards
 from hpcdistill.spec.load import SET_ORIGIN, parse_override, set_dotted, validate
@@ -109,6 +109,11 @@ class StepBatch:
     def num_tokens(self) -> int:
         return int(sum(self.lengths))
 
+    @property
+    def signal(self) -> np.ndarray:
+        """[N] bool: the token's rollout had a teacher signal (1.0 shards: every rollout did)."""
+        return np.repeat([int(r.get("teacher_signal", 1)) != 0 for r in self.rows], self.lengths)
+
 
 def read_batches(sweep_dir: Path, run_ids: list[str] | None = None, skipped: list | None = None
                  ) -> Iterator[StepBatch]:
@@ -175,16 +180,12 @@ def _weights(batch: StepBatch, spec: Spec, variant: Variant | None) -> np.ndarra
         segments = None if segment is None else [
             [list(np.flatnonzero(segment[c] == k)) for k in range(int(segment[c].max()) + 1 if len(segment[c]) else 0)]
             for c in cut]
-        results = build_masks(spec.mask.kind, batch.lengths, fraction=spec.mask.fraction,
-                              prefix_tokens=spec.mask.prefix_tokens, rescale=spec.mask.rescale,
-                              teacher_lp_at_student_topk=[batch.tokens["teacher_at_student_topk_lp"][c] for c in cut],
-                              segments=segments,
-                              advantages=[batch.tokens["teacher_lp"][c] - batch.tokens["student_lp"][c] for c in cut],
-                              support_k=spec.mask.support_k or spec.scoring.top_k,
-                              seed=spec.seeds[0] * 100_003 + batch.step)
-        weights = np.concatenate([r.weights for r in results]).astype(np.float64) if results else np.zeros(0)
-    signal = np.repeat([int(r.get("teacher_signal", 1)) != 0 for r in batch.rows], batch.lengths)
-    return np.where(signal, weights, 0.0)
+        parts = spec_masks(spec.mask, spec.scoring.top_k, spec.seeds[0], batch.step, batch.lengths,
+                           segments=segments,
+                           teacher_lp_at_student_topk=[batch.tokens["teacher_at_student_topk_lp"][c] for c in cut],
+                           advantages=[batch.tokens["teacher_lp"][c] - batch.tokens["student_lp"][c] for c in cut])
+        weights = np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
+    return np.where(batch.signal, weights, 0.0)
 
 
 def _column(batch: StepBatch, name: str, needed_for: str) -> torch.Tensor:
@@ -195,11 +196,6 @@ def _column(batch: StepBatch, name: str, needed_for: str) -> torch.Tensor:
     return torch.as_tensor(values, dtype=torch.float64 if values.dtype.kind == "f" else torch.long)
 
 
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - e^x) for x < 0, clamped as the tail bucket is (TAIL_LSE_MAX)."""
-    return torch.log(-torch.expm1(x.clamp(max=TAIL_LSE_MAX)))
-
-
 def replay_batch(batch: StepBatch, spec: Spec, weights: np.ndarray, rescorer: "Rescorer | None" = None) -> Replayed:
     """The loss of `spec` on the recorded batch, with each token's term and gradient weight."""
     config = LossConfig.from_train(spec.train)
@@ -207,15 +203,12 @@ def replay_batch(batch: StepBatch, spec: Spec, weights: np.ndarray, rescorer: "R
         raise SpecError(f"{batch.path}: replay recomputes train.objective = 'distill' (the options of "
                         f"docs/objectives.md); this run's objective is {spec.train.objective!r}")
     w = torch.as_tensor(weights, dtype=torch.float64)
-    valid = torch.as_tensor(np.repeat([int(r.get("teacher_signal", 1)) != 0 for r in batch.rows], batch.lengths),
-                            dtype=torch.float64)
+    valid = torch.as_tensor(batch.signal, dtype=torch.float64)
     student_lp = _column(batch, "student_lp", "any loss")
     sampler = batch.tokens.get("sampler_lp")
     sampler_lp = None if sampler is None else torch.as_tensor(np.nan_to_num(sampler, nan=0.0), dtype=torch.float64)
     if config.support == "full":
-        return rescorer.full(batch, config, w, valid, sampler_lp) if rescorer is not None else \
-            Rescorer().full(batch, config, w, valid, sampler_lp)
-    leaves: list[torch.Tensor] = []
+        return (rescorer or Rescorer()).full(batch, config, w, valid, sampler_lp)
     inputs = DistillInputs(weights=w, lengths=batch.lengths, student_lp=student_lp, loss_mask=valid,
                            sampler_lp=sampler_lp, teacher_lp=_column(batch, "teacher_lp", "any loss"))
     if config.support == "topk":
@@ -223,31 +216,20 @@ def replay_batch(batch: StepBatch, spec: Spec, weights: np.ndarray, rescorer: "R
         ids, mask = support_ids(_column(batch, "student_topk_ids", need),
                                 _column(batch, "teacher_topk_ids", need) if config.topk_support != "student" else None,
                                 config.topk_support)
-        at = {"student": ("student_topk_lp", "teacher_at_student_topk_lp"),
-              "teacher": ("student_at_teacher_topk_lp", "teacher_topk_lp")}
-        pairs = [at["student"], at["teacher"]] if config.topk_support == "union" else [at[config.topk_support]]
+        pairs = support_columns(config.topk_support)
         student_at = torch.cat([_column(batch, s, need) for s, _ in pairs], -1)
         teacher_at = torch.cat([_column(batch, t, need) for _, t in pairs], -1)
-        entries = student_at.clone().requires_grad_(True)
-        leaves.append(entries)
-        if config.tail:
-            kept = student_at if mask is None else student_at.masked_fill(~mask, float("-inf"))
-            tail = _log1mexp(torch.logsumexp(kept, -1, keepdim=True)).requires_grad_(True)
-            leaves.append(tail)
-            inputs.student_buckets = torch.cat([entries, tail], -1)
-            t_kept = teacher_at if mask is None else teacher_at.masked_fill(~mask, float("-inf"))
-            inputs.teacher_buckets = torch.cat([teacher_at, _log1mexp(torch.logsumexp(t_kept, -1, keepdim=True))], -1)
-            inputs.bucket_mask = None if mask is None else torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
-        else:
-            inputs.student_buckets, inputs.teacher_buckets, inputs.bucket_mask = entries, teacher_at, mask
+        student, inputs.teacher_buckets, inputs.bucket_mask = topk_buckets(student_at, teacher_at, mask,
+                                                                           config.topk_normalization)
+        # the buckets (the tail one included) as independent coordinates: their gradient is the
+        # logits' gradient summed per bucket
+        leaf = inputs.student_buckets = student.detach().clone().requires_grad_(True)
     else:  # sampled: the student's categorical over {y_t, the rest}
-        pair = torch.stack([student_lp, _log1mexp(student_lp)], -1).requires_grad_(True)
-        leaves.append(pair)
-        inputs.student_lp = bucket_log_probs(pair, None)[:, 0]
+        leaf = with_tail(student_lp[:, None], None)[0].requires_grad_(True)
+        inputs.student_lp = bucket_log_probs(leaf, None)[:, 0]
     out = distill_loss(config, inputs)
-    grads = torch.autograd.grad(out.loss, leaves, allow_unused=True)
-    n = valid.sum().clamp_min(1.0)
-    l1 = sum(g.abs().sum(-1) for g in grads if g is not None) * n  # per token, undoing the 1/N
+    (grad,) = torch.autograd.grad(out.loss, leaf)
+    l1 = grad.abs().sum(-1) * valid.sum().clamp_min(1.0)  # per token, undoing the 1/N
     return Replayed(float(out.loss.detach()), out.terms.float().numpy(), l1.detach().float().numpy())
 
 

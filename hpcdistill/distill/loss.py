@@ -147,6 +147,16 @@ def support_ids(student_topk_ids: torch.Tensor, teacher_topk_ids: torch.Tensor |
     return ids, mask
 
 
+# The recorded log-probs of (student, teacher) at each top-k set's ids: TokenScores fields and shard
+# token columns share these names. A support's columns, in support_ids' order of its entries:
+TOPK_COLUMNS = {"student": ("student_topk_lp", "teacher_at_student_topk_lp"),
+                "teacher": ("student_at_teacher_topk_lp", "teacher_topk_lp")}
+
+
+def support_columns(which: str) -> list[tuple[str, str]]:
+    return [TOPK_COLUMNS["student"], TOPK_COLUMNS["teacher"]] if which == "union" else [TOPK_COLUMNS[which]]
+
+
 def with_tail(lp_at: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Append the tail bucket log(1 - sum_i p_i) to full-vocabulary log-probs at support entries.
 
@@ -337,5 +347,5 @@ def distill_loss(config: LossConfig, batch: DistillInputs) -> LossOutput:
     return LossOutput(loss, terms.detach(), metrics)
 
 
-__all__ = ["LossConfig", "DistillInputs", "LossOutput", "in_rows", "support_ids", "with_tail", "topk_buckets", "bucket_log_probs",
+__all__ = ["LossConfig", "DistillInputs", "LossOutput", "in_rows", "support_ids", "support_columns", "TOPK_COLUMNS", "with_tail", "topk_buckets", "bucket_log_probs",
            "bucket_divergence", "sampled_estimate", "discounted_returns", "distill_loss"]

@@ -219,3 +219,18 @@ def _std_release(length, advantages, segments, min_chunk_tokens, rescale) -> Mas
     bounds = np.cumsum([0, *chunk_sizes])
     scores = [math.log1p(float(np.std(advantages[a:b]))) for a, b in zip(bounds[:-1], bounds[1:])]
     return _release_from_scores(length, chunk_sizes, scores, rescale)
+
+
+# the kinds that read segments, teacher margins and advantages
+SCORED_KINDS = ("release", "random_release", "std_release")
+
+
+def spec_masks(mask, top_k: int, seed: int, step: int, lengths: Sequence[int], *, segments=None,
+               teacher_lp_at_student_topk=None, advantages=None) -> list[np.ndarray]:
+    """Each rollout's weights [T_i] under a spec's `[mask]` (`mask`: a MaskSpec) at step `step`
+    of run seed `seed`: what training uses (`train.steps.supervision_masks`) and replay rebuilds."""
+    results = build_masks(mask.kind, lengths, fraction=mask.fraction, prefix_tokens=mask.prefix_tokens,
+                          rescale=mask.rescale, teacher_lp_at_student_topk=teacher_lp_at_student_topk,
+                          segments=segments, advantages=advantages, support_k=mask.support_k or top_k,
+                          seed=seed * 100_003 + step)
+    return [r.weights for r in results]

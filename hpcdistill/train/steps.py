@@ -30,9 +30,10 @@ import numpy as np
 import torch
 
 from hpcdistill.distill import objectives, schedules
-from hpcdistill.distill.loss import DistillInputs, LossConfig, distill_loss, support_ids, topk_buckets
+from hpcdistill.distill.loss import (DistillInputs, LossConfig, distill_loss, support_columns, support_ids,
+                                     topk_buckets)
 from hpcdistill.distill.schedules import StepPlan
-from hpcdistill.distill.masks import build_masks
+from hpcdistill.distill.masks import SCORED_KINDS, spec_masks
 from hpcdistill.distill.segments import sentence_segments
 from hpcdistill.errors import LaunchError
 from hpcdistill.launch.gpus import RoleDevices
@@ -82,21 +83,16 @@ def apply_lora(spec: Spec, models: Models) -> None:
 
 
 def supervision_masks(spec: Spec, items: list[Item], tokenizer, step: int) -> list[np.ndarray]:
-    """Stage 6: per-token weights of each item (`[mask]`), with the release diagnostics logged."""
+    """Stage 6: per-token weights of each item (`[mask]`)."""
     lengths = [len(it.scores.student_lp) for it in items]
-    kind = spec.mask.kind
     segments = advantages = teacher_lp = None
-    if kind in ("release", "random_release", "std_release"):
+    if spec.mask.kind in SCORED_KINDS:
         ids = [it.student_seq[1][:n] for it, n in zip(items, lengths)]
         segments = [sentence_segments([tokenizer.decode([t]) for t in seq]) for seq in ids]
         teacher_lp = [it.scores.teacher_at_student_topk_lp for it in items]
         advantages = [it.scores.teacher_lp - it.scores.student_lp for it in items]
-    results = build_masks(kind, lengths, fraction=spec.mask.fraction, prefix_tokens=spec.mask.prefix_tokens,
-                          rescale=spec.mask.rescale, teacher_lp_at_student_topk=teacher_lp,
-                          segments=segments, advantages=advantages,
-                          support_k=spec.mask.support_k or spec.scoring.top_k,
-                          seed=spec.seeds[0] * 100_003 + step)
-    return [r.weights for r in results]
+    return spec_masks(spec.mask, spec.scoring.top_k, spec.seeds[0], step, lengths, segments=segments,
+                      teacher_lp_at_student_topk=teacher_lp, advantages=advantages)
 
 
 def _student_logits(models: Models, items: list[Item], grad: bool) -> list[torch.Tensor]:
@@ -142,9 +138,8 @@ def distill_inputs(config: LossConfig, models: Models, items: list[Item], weight
         which = config.topk_support
         teacher_ids = None if which == "student" else _cat([sc.teacher_topk_ids for sc in scores], device, torch.long)
         ids, mask = support_ids(_cat([sc.student_topk_ids for sc in scores], device, torch.long), teacher_ids, which)
-        teacher_at = torch.cat(
-            ([_cat([sc.teacher_at_student_topk_lp for sc in scores], device)] if which != "teacher" else [])
-            + ([_cat([sc.teacher_topk_lp for sc in scores], device)] if which != "student" else []), -1)
+        teacher_at = torch.cat([_cat([getattr(sc, column) for sc in scores], device)
+                                for _, column in support_columns(which)], -1)
         student_at = student_logits.gather(-1, ids) - (lse[:, None] if config.tail else 0.0)
         batch.student_buckets, batch.teacher_buckets, batch.bucket_mask = topk_buckets(
             student_at, teacher_at, mask, config.topk_normalization)
@@ -453,28 +448,31 @@ def token_share_plan(items: list[Item], off_items: list[Item]) -> StepPlan:
     return StepPlan(on / total, off / total)
 
 
+def _ema_teacher(spec: Spec, models: Models) -> torch.nn.Module | None:
+    """The EMA self-teacher's model, or None (live, frozen and trust-region teachers keep no state)."""
+    return models.teacher.model if spec.teacher.weights == "ema" and models.teacher is not models.student else None
+
+
 def update_teacher(spec: Spec, models: Models) -> None:
     """After an update: the EMA self-teacher moves toward the new student weights (every rank)."""
-    if spec.teacher.weights != "ema" or models.teacher is models.student:
-        return
-    teachers.ema_update(models.teacher.model, teachers.student_weights(models), spec.teacher.ema_rate)
+    if (teacher := _ema_teacher(spec, models)) is not None:
+        teachers.ema_update(teacher, teachers.student_weights(models), spec.teacher.ema_rate)
 
 
 def teacher_state_files(spec: Spec, models: Models) -> dict:
     """What the checkpoint keeps of the teacher: the EMA weights (the others are reproducible)."""
-    if spec.teacher.weights != "ema" or models.teacher is models.student:
-        return {}
-    return {teachers.EMA_FILE: lambda path: teachers.save_ema(path, models.teacher.model)}
+    teacher = _ema_teacher(spec, models)
+    return {} if teacher is None else {teachers.EMA_FILE: lambda path: teachers.save_ema(path, teacher)}
 
 
 def load_teacher_state(spec: Spec, paths: RunPaths, models: Models) -> None:
-    if spec.teacher.weights != "ema" or models.teacher is models.student:
+    if (teacher := _ema_teacher(spec, models)) is None:
         return
     path = checkpoint_file(paths.checkpoint, teachers.EMA_FILE)
     if path is None:
         raise LaunchError(f"{paths.checkpoint}: the checkpoint has no {teachers.EMA_FILE}, so the EMA "
                           "teacher cannot resume; remove the checkpoint folder to start the run again")
-    teachers.load_ema(path, models.teacher.model)
+    teachers.load_ema(path, teacher)
 
 
 def sync_rollout_weights(spec: Spec, paths: RunPaths, models: Models, version: int) -> None:
