@@ -48,6 +48,58 @@ def test_segments_from_offsets_match_token_texts():
         segments.segments_from_offsets(text, [0, 5, 3])
 
 
+NEWLINE_TOKENS = ["Step", " one", "\n", "x", " =", " 2", "\n\n", "Step", " two", ".", " Done", "."]
+
+
+def test_segment_newlines_false_is_nltk_punkt_alone_and_lowers_the_bic_n():
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+    with_newlines = segments.sentence_segments(NEWLINE_TOKENS)
+    punkt_only = segments.sentence_segments(NEWLINE_TOKENS, newlines=False)
+    assert with_newlines == [[0, 1, 2], [3, 4, 5, 6], [7, 8, 9], [10, 11]]
+    assert punkt_only == [list(range(10)), [10, 11]]
+    text = "".join(NEWLINE_TOKENS)  # pure Punkt never splits at a bare newline
+    assert [s for s, _ in PunktSentenceTokenizer().span_tokenize(text)] == [0, text.index(" Done") + 1]
+    # the BIC test runs on one score per segment: n = 4 with the newline breaks, 2 without
+    margins = list(np.linspace(2.0, 0.1, len(NEWLINE_TOKENS)))
+    assert len(release.aggregate_segment_scores(margins, with_newlines)) == 4
+    assert len(release.aggregate_segment_scores(margins, punkt_only)) == 2
+
+
+class _PieceTokenizer:
+    """decode([id]) -> the id-th piece of NEWLINE_TOKENS (what segment_ids and the masks call)."""
+
+    def decode(self, ids):
+        return "".join(NEWLINE_TOKENS[int(i)] for i in ids)
+
+
+def test_mask_segment_newlines_reaches_the_recorded_segments_and_the_release_masks(monkeypatch):
+    from types import SimpleNamespace
+
+    from hpcdistill.spec.load import validate
+    from hpcdistill.train import loop, steps
+
+    ids = np.arange(len(NEWLINE_TOKENS))
+    assert loop.segment_ids(_PieceTokenizer(), ids).tolist() == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 3, 3]
+    assert loop.segment_ids(_PieceTokenizer(), ids, newlines=False).tolist() == [0] * 10 + [1, 1]
+    seen = []
+
+    def recording(pieces, newlines=True):
+        seen.append(newlines)
+        return segments.sentence_segments(pieces, newlines)
+
+    monkeypatch.setattr(steps, "sentence_segments", recording)
+    n, k = len(ids), 4
+    scores = SimpleNamespace(student_lp=np.zeros(n, np.float32), teacher_lp=np.zeros(n, np.float32),
+                             teacher_at_student_topk_lp=np.log(np.full((n, k), 0.25, np.float32)))
+    item = SimpleNamespace(scores=scores, student_seq=([], list(ids)))
+    for value in (True, False):
+        spec = validate({"experiment": {"name": "x"}, "scoring": {"top_k": k},
+                         "mask": {"kind": "release", "segment_newlines": value}}, {}, "test")
+        steps.supervision_masks(spec, [item], _PieceTokenizer(), 0)
+    assert seen == [True, False]
+
+
 # --- simple kinds ---
 
 
@@ -121,15 +173,15 @@ def test_release_mask_matches_dynamic_prefix_reweight():
     assert results[2].accepted and results[2].release_token <= 15
 
 
-def test_random_release_permutes_release_fractions_across_the_batch():
+def test_random_release_by_fraction_permutes_release_fractions_across_the_batch():
     rng = np.random.default_rng(2)
     lengths = [50, 80, 100, 40]
     drops = [10, 40, 90, 40]
     data = [_decaying_rollout(rng, t, d) for t, d in zip(lengths, drops)]
     kwargs = dict(teacher_lp_at_student_topk=[d[0] for d in data], segments=[d[1] for d in data])
     own = masks.build_masks("release", lengths, **kwargs)
-    shuffled = masks.build_masks("random_release", lengths, seed=3, **kwargs)
-    again = masks.build_masks("random_release", lengths, seed=3, **kwargs)
+    shuffled = masks.build_masks("random_release", lengths, seed=3, random_release_by="fraction", **kwargs)
+    again = masks.build_masks("random_release", lengths, seed=3, random_release_by="fraction", **kwargs)
     assert [m.release_token for m in shuffled] == [m.release_token for m in again]  # seeded
     own_fractions = sorted(m.release_token / t for m, t in zip(own, lengths))
     got_fractions = sorted(m.release_token / t for m, t in zip(shuffled, lengths))
@@ -169,3 +221,22 @@ def test_release_mask_on_sentence_segments_end_to_end():
     result = masks.build_masks("release", [length], teacher_lp_at_student_topk=[lp], segments=[segs])[0]
     assert result.accepted and result.release_token in {sum(map(len, segs[:i])) for i in range(len(segs) + 1)}
     assert 30 <= result.release_token <= 48
+
+
+def test_random_release_permutes_release_positions_across_the_batch():
+    # seed 002 sec. 4.3: "randomly permutes these release points across samples". Equal lengths:
+    # the batch's release tokens are a permutation of the release rule's; unequal: rollout i stops
+    # at its donor's release token, capped by its own length.
+    rng = np.random.default_rng(2)
+    for lengths, drops in (([80, 80, 80, 80], [10, 40, 60, 25]), ([50, 80, 100, 40], [10, 40, 90, 40])):
+        data = [_decaying_rollout(rng, t, d) for t, d in zip(lengths, drops)]
+        kwargs = dict(teacher_lp_at_student_topk=[d[0] for d in data], segments=[d[1] for d in data])
+        own = [m.release_token for m in masks.build_masks("release", lengths, **kwargs)]
+        shuffled = masks.build_masks("random_release", lengths, seed=3, **kwargs)
+        perm = np.random.default_rng(3).permutation(len(lengths))
+        assert [m.release_token for m in shuffled] == [min(t, max(1, own[j])) for t, j in zip(lengths, perm)]
+        assert list(perm) != list(range(len(lengths)))  # the draw really moved release points
+        if len(set(lengths)) == 1:
+            assert sorted(m.release_token for m in shuffled) == sorted(own)
+        for m, t in zip(shuffled, lengths):
+            assert m.weights.sum() == pytest.approx(t)  # rescaled to the rollout's mass

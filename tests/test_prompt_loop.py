@@ -216,7 +216,9 @@ def test_baseline_and_recommended_configs_carry_the_seeds_values():
     r74 = expand(load_spec(CONFIGS / "recommended_7_4.toml"))[0].spec
     assert r74.model.teacher == "Qwen/Qwen3-30B-A3B-Instruct-2507" and r74.model.student == s.model.student
     loop = load_spec(CONFIGS / "gepa_loop.toml").spec
-    assert (loop.loop.rounds, loop.loop.top_k_prompts, loop.train.steps) == (3, 4, 200)
+    assert (loop.loop.rounds, loop.loop.distill_selection, loop.loop.max_distill_prompts, loop.train.steps) == (
+        3, "pareto", None, 200)
+    assert (loop.loop.heldout_split, loop.loop.heldout_num_problems) == ("test", 500)  # sec. 6.3.3
     assert (loop.loop.train_num_problems, loop.loop.val_num_problems, loop.loop.reflection_minibatch_size,
             loop.loop.max_metric_calls) == (500, 200, 10, 20000)
     assert loop.loop.reflection_api_key_env == "ANTHROPIC_API_KEY"
@@ -346,7 +348,7 @@ def test_small_loop_runs_two_rounds_end_to_end(tmp_path):
 
     # one distilled prompt per round keeps CI short; the rounds still chain student to student
     loaded = load_spec(CONFIGS / "gepa_loop_small.toml", [f'experiment.output_dir="{tmp_path}"',
-                                                          "loop.top_k_prompts=1"])
+                                                          "loop.max_distill_prompts=1"])
     t0 = time.monotonic()
     loop_dir = run_loop(loaded, executor="local")
     seconds = time.monotonic() - t0

@@ -38,16 +38,16 @@ def _run(tmp_path, name: str, sections: dict):
 def test_replaying_a_runs_own_loss_reproduces_the_loss_it_logged(tmp_path, name):
     sweep = _run(tmp_path, name, TRAINED_WITH[name])
     full = "full" in name  # the weights after step 0 are gone: only step 0 re-scores
-    # the variant sets a mask key to its value: the weights are rebuilt from the shard, and must
-    # come out as the ones training used
-    result = replay_sweep(sweep, parse_variants(["mask.rescale=true"], None))
+    # the variant sets a mask key to the value it resolves to (no rescale for full and the window
+    # kinds): the weights are rebuilt from the shard, and must come out as the ones training used
+    result = replay_sweep(sweep, parse_variants(["mask.rescale=false"], None))
     logged = [e for e in result.steps if e["logged"] is not None]
     assert [e["step"] for e in logged] == ([0] if full else [0, 1])  # step 2 only measured
     assert [(step, "initial weights" in why) for _, step, why in result.unreplayed] == \
         ([(1, True), (2, True)] if full else [])
     for entry in logged:
         assert entry[BASELINE] == pytest.approx(entry["logged"], rel=1e-5, abs=1e-7), entry
-        assert entry["mask.rescale=True"] == pytest.approx(entry[BASELINE], rel=1e-6)
+        assert entry["mask.rescale=False"] == pytest.approx(entry[BASELINE], rel=1e-6)
     # and per token: the replayed terms are the train_loss column training wrote
     batches = [b for b in read_batches(sweep) if not full or b.step == 0]
     for batch, terms in zip(batches, result.terms[BASELINE]):

@@ -12,7 +12,9 @@ method and model family: accuracy mean +/- stderr over seeds and a status in the
 Cost (seed 003 "Cost Analysis"): device-hours by role from the measured seconds of each stage
 (rollout = student sampling; teacher = teacher generation and scoring; trainer = updates; eval),
 times the GPUs `launch.gpus` gives that role (1 per role on CPU), and the allocated GPU-hours
-(wall time x all GPUs of the task) times `launch.gpu_hour_price`.
+(wall time x all GPUs of the task) times `launch.gpu_hour_price`; or, for a student listed in
+`launch.run_hour_price`, the run's wall hours times its price per run-hour (the seed's pricing:
+~$0.75 per hour for a Qwen run, ~$1.00 for a Llama run, whatever the run's GPUs).
 """
 
 from __future__ import annotations
@@ -124,8 +126,12 @@ def run_cost(run: RunCurve) -> dict[str, float]:
     out["generated_tokens"] = sum(run.metrics.get("response_tokens", {}).values()) + sum(
         run.metrics.get("teacher_tokens", {}).values())
     out["scored_tokens"] = sum(run.metrics.get("scored_tokens", {}).values())
-    price = run.spec.get("launch", {}).get("gpu_hour_price", 0.0)
-    out["cost"] = out["allocated_gpu_hours"] * price
+    launch = run.spec.get("launch", {})
+    per_run_hour = launch.get("run_hour_price", {}).get(run.spec.get("model", {}).get("student"))
+    if per_run_hour is not None:
+        out["cost"] = out["wall_hours"] * per_run_hour
+    else:
+        out["cost"] = out["allocated_gpu_hours"] * launch.get("gpu_hour_price", 0.0)
     return out
 
 

@@ -302,13 +302,15 @@ def loop_report(loop_dir: Path, out_dir: Path, print_tables: bool) -> list[str]:
     rows = []
     for r in rounds:
         chosen = r["chosen"]
-        gain = chosen["distilled_score"] - r["student_score"]
+        # distilled students are scored on the held-out problems (loop.heldout_*): so is the baseline
+        gain = chosen["distilled_score"] - r.get("student_heldout_score", r["student_score"])
         rows.append([str(r["round"]), _short(_student_label(r["student"]), 48),
                      _score(r["student_score"]), str(len(r["candidates"])), str(len(r["distilled"])),
                      f"#{chosen['candidate']}", _score(chosen["direct_score"]), _score(chosen["distilled_score"]),
                      f"{gain:+.4f}"])
-    emit(f"Prompt-optimization loop `{record.get('name')}`: per round (validation reward; direct = current "
-         "student WITH the prompt, distilled = the distilled student WITHOUT it)", headers, rows)
+    emit(f"Prompt-optimization loop `{record.get('name')}`: per round (student / direct = validation reward of "
+         "the current student without / WITH the prompt; distilled = the distilled student WITHOUT it on the "
+         "held-out problems; gain = distilled minus the current student on those)", headers, rows)
     unfinished = [r["round"] for r in record["rounds"] if r.get("state") != "completed"]
     if unfinished:
         sections.append(f"Rounds not completed: {unfinished}\n")

@@ -5,6 +5,9 @@
   truncated to the shorter of s and s'), position normalised by that length and binned into
   deciles; mean per decile within a rollout, then mean +/- stderr over rollouts.
 - Experiment 5: the same curves for the full-vocabulary KL next to the top-k KL.
+- Experiment 3 (training.py) reads the per-step, per-problem decile deltas collected here: of the
+  fixed evaluation set (kinds fixed / fixed_regenerated, `scoring.rescore_step0`) when recorded,
+  else of each step's fresh rollouts.
 
 Everything streams: shards are read one at a time, and only per-rollout decile means are kept.
 """
@@ -62,6 +65,11 @@ class PrefixCorruption:
     standard_full: list[np.ndarray] = field(default_factory=list)
     regen_full: list[np.ndarray] = field(default_factory=list)
     by_step: dict[int, list[np.ndarray]] = field(default_factory=lambda: defaultdict(list))
+    # step -> problem -> per-rollout decile deltas [10]: fresh rollouts, and the fixed set (exp. 3)
+    by_step_problem: dict[int, dict[str, list[np.ndarray]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    fixed_by_step_problem: dict[int, dict[str, list[np.ndarray]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(list)))
     # (run_id, step, problem) -> rewards of the original rollouts (experiment 4)
     step_rewards: dict[tuple[str, int, str], list[float]] = field(default_factory=lambda: defaultdict(list))
     # run_id -> metric name -> (steps, values), merged over the run's shards
@@ -90,20 +98,44 @@ def collect(paths: list[Path]) -> PrefixCorruption:
             if row["kind"] == "original":
                 out.step_rewards[(run_id, int(row["step"]), row["problem_id"])].append(float(row["reward"]))
             key = (reader.attrs.get("run_id"), int(row["step"]), row["problem_id"], int(row["sample_idx"]))
-            if "teacher_mass_backtrack" in record.tokens and len(record.tokens["teacher_mass_backtrack"]) >= 2:
+            fresh = row["kind"] in ("original", "regenerated")
+            backtrack = record.tokens.get("teacher_mass_backtrack")
+            if fresh and backtrack is not None and len(backtrack) >= 2:
                 out.backtrack[row["kind"]].append(backtrack_halves(record.tokens))
-            side = "regen" if row["kind"] == "regenerated" else "standard" if row["kind"] == "original" else None
+            side = _SIDES.get(row["kind"])
             if side is None:
                 continue
+            key = key + (fresh,)
             pending.setdefault(key, {})[side] = record.tokens
             pair = pending[key]
             if "regen" in pair and "standard" in pair:
-                _add_pair(out, key[1], pair["standard"], pair["regen"])
+                if fresh:
+                    _add_pair(out, key[1], pair["standard"], pair["regen"], problem=key[2])
+                else:
+                    _add_fixed_pair(out, key[1], key[2], pair["standard"], pair["regen"])
                 del pending[key]
     return out
 
 
-def _add_pair(out: PrefixCorruption, step: int, standard: dict, regen: dict) -> None:
+# rollout kind -> which teacher's KL it holds
+_SIDES = {"original": "standard", "regenerated": "regen", "fixed": "standard", "fixed_regenerated": "regen"}
+
+
+def _delta_deciles(standard: dict, regen: dict) -> np.ndarray | None:
+    """Per-decile mean of regen KL - standard KL over the shorter of the two lengths."""
+    length = min(len(standard["topk_kl"]), len(regen["topk_kl"]))
+    if length == 0:
+        return None
+    return decile_means(regen["topk_kl"][:length] - standard["topk_kl"][:length])
+
+
+def _add_fixed_pair(out: PrefixCorruption, step: int, problem: str, standard: dict, regen: dict) -> None:
+    delta = _delta_deciles(standard, regen)
+    if delta is not None:
+        out.fixed_by_step_problem[step][problem].append(delta)
+
+
+def _add_pair(out: PrefixCorruption, step: int, standard: dict, regen: dict, problem: str = "") -> None:
     length = min(len(standard["topk_kl"]), len(regen["topk_kl"]))
     if length == 0:
         return
@@ -113,6 +145,7 @@ def _add_pair(out: PrefixCorruption, step: int, standard: dict, regen: dict) -> 
     delta = decile_means(reg_k - std_k)
     out.delta_topk.append(delta)
     out.by_step[step].append(delta)
+    out.by_step_problem[step][problem].append(delta)
     if "full_kl" in standard and "full_kl" in regen:
         std_f, reg_f = standard["full_kl"][:length], regen["full_kl"][:length]
         out.standard_full.append(decile_means(std_f))

@@ -69,7 +69,7 @@ from hpcdistill.analysis import probing
 from hpcdistill.distill.divergence import kl_from_logprobs, slice_kl
 from hpcdistill.errors import ModelError, SpecError, TaskError
 from hpcdistill.launch.paths import RunPaths
-from hpcdistill.models.chat import render_prompt, single_turn
+from hpcdistill.models.chat import render_prompt, set_chat_options, single_turn
 from hpcdistill.models.generation import generate
 from hpcdistill.models.loading import ModelHandle, load_model
 from hpcdistill.models.scoring import _project, response_hidden
@@ -172,11 +172,13 @@ def load_probe_models(spec: Spec) -> tuple[ModelHandle, ModelHandle]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     base = load_model(spec.model.student, dtype=spec.model.dtype, device=device)
+    set_chat_options(base.tokenizer, enable_thinking=spec.model.enable_thinking)
     if spec.probe.trained_model == spec.model.student:
         log.warning("probe.trained_model is model.student (%s): both sides are one model and every "
                     "delta is zero; point probe.trained_model at a trained model directory", base.model_id)
         return base, base
     trained = load_model(spec.probe.trained_model, dtype=spec.model.dtype, device=device)
+    set_chat_options(trained.tokenizer, enable_thinking=spec.model.enable_thinking)
     check_same_tokenizer(base, trained)
     return base, trained
 

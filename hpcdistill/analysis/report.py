@@ -63,9 +63,13 @@ def analyze_sweep(sweep_dir: str | Path, *, print_tables: bool = True) -> Path:
              headers, rows)
     steps = {step for (_, step, _) in result.step_rewards}
     arms = training.run_arms(sweep_dir)
-    if len(result.by_step) > 1:
+    source, by_step = training.convergence_source(result)
+    if len(by_step) > 1:
         headers, rows = training.convergence_rows(result)
-        emit("Experiment 3: delta-KL per decile over training steps (mean ± stderr)", headers, rows)
+        which = ("the fixed evaluation set (step 0's rollouts re-scored each step)" if source == "fixed"
+                 else "each step's fresh rollouts")
+        emit(f"Experiment 3: delta-KL per decile over training steps, on {which} "
+             "(mean ± stderr over problems)", headers, rows)
         fig = training.plot_convergence(result, out_dir / "delta_kl_convergence.png")
         sections.append(f"![convergence]({fig.name})\n")
         if print_tables:
@@ -76,10 +80,14 @@ def analyze_sweep(sweep_dir: str | Path, *, print_tables: bool = True) -> Path:
         headers, rows = training.final_eval_rows(result.metrics, arms)
         if len(headers) > 1:
             emit("Final eval per arm (mean ± stderr over runs)", headers, rows)
+        for temperature, (headers, rows) in training.benchmark_rows(result.metrics, arms).items():
+            emit(f"Final eval reward per benchmark at T={temperature} (mean ± stderr over runs; avg = the "
+                 "benchmarks with average = true)", headers, rows)
         teach = teachability.collect([sweep_dir])
         if teach.advantage:
             headers, rows = teachability.bin_rows(teach.advantage, normalise=True)
-            emit("Teachability: sampled-token advantage over 20 position bins", headers, rows)
+            emit("Teachability: sampled-token advantage over 20 position bins (std along each trajectory, "
+                 f"averaged over trajectories; {teachability.comparison_note(teach)})", headers, rows)
             headers, rows = teachability.bin_rows(teach.margin, normalise=False)
             emit("Teachability: teacher top-1/top-2 margin in the student's top-K", headers, rows)
             headers, rows = teachability.release_rows(teach)

@@ -2,8 +2,14 @@
 
 From the original (on-policy) rollouts of each step's shard:
 - the sampled-token advantage A_t = log p_T(y_t) - log p_S(y_t) over 20 bins of normalised
-  position: mean, std, and std normalised by the rollout set's overall std (so the student at
-  step 0 and the trained student at the last step share a scale), Figure 1 of the seed;
+  position: mean, std, and std normalised by the overall std (so the student at step 0 and the
+  trained student at the last step share a scale), Figure 1 of the seed. The std is sigma_A as
+  section 3 defines it, "the local token-level variance ... across adjacent actions": the std
+  along each realised trajectory within the bin, averaged over trajectories (`pooled=True`: the
+  std of the bin's tokens pooled across trajectories, which also counts how trajectories differ);
+- the comparison is on the same instances: when both steps' shards are there, only the problems
+  measured at step 0 AND at the last step are used (`train.measure_problems = "step0"` makes the
+  last step sample step 0's problems), and the report says how many;
 - the teacher's top-1/top-2 margin inside the student's top-K per bin (Figure 2);
 - per rollout, the release rule on its recorded sentence segments: BIC gain, whether a release
   was accepted, the release position as a fraction of the response, and the mean margin and
@@ -13,6 +19,7 @@ Streams shard by shard, keeping per-bin sums and one small record per rollout.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,34 +33,74 @@ from hpcdistill.distill.release import (
 )
 from hpcdistill.record import iter_shards
 
+log = logging.getLogger(__name__)
+
 NUM_BINS = 20
+
+
+def position_bins(length: int, num_bins: int = NUM_BINS) -> np.ndarray:
+    """[length] bin of each position t: floor(t * num_bins / length), normalised position."""
+    return np.minimum((np.arange(length) * num_bins) // max(length, 1), num_bins - 1)
 
 
 @dataclass
 class BinStats:
+    """A per-token quantity over 20 bins of normalised position, streamed trajectory by trajectory.
+
+    mean: over every token of the bin. std (sigma_A, seed 002 section 3): per trajectory, the std
+    (ddof 0) of its tokens in the bin, then the mean over the trajectories with >= 2 tokens there
+    (one token has no spread); `pooled=True`: the std of all the bin's tokens pooled together.
+    """
+
     total: np.ndarray = field(default_factory=lambda: np.zeros(NUM_BINS))
     total_sq: np.ndarray = field(default_factory=lambda: np.zeros(NUM_BINS))
     count: np.ndarray = field(default_factory=lambda: np.zeros(NUM_BINS))
+    trajectory_std_sum: np.ndarray = field(default_factory=lambda: np.zeros(NUM_BINS))
+    trajectory_count: np.ndarray = field(default_factory=lambda: np.zeros(NUM_BINS))
+    trajectory_overall_std_sum: float = 0.0
+    trajectories: int = 0  # with >= 2 tokens
 
     def add(self, values: np.ndarray) -> None:
+        """One trajectory's values [T]."""
+        values = np.asarray(values, dtype=np.float64)
         n = len(values)
         if n == 0:
             return
-        bins = np.minimum((np.arange(n) * NUM_BINS) // n, NUM_BINS - 1)
-        self.total += np.bincount(bins, weights=values, minlength=NUM_BINS)
+        bins = position_bins(n)
+        sums = np.bincount(bins, weights=values, minlength=NUM_BINS)
+        counts = np.bincount(bins, minlength=NUM_BINS)
+        self.total += sums
         self.total_sq += np.bincount(bins, weights=values * values, minlength=NUM_BINS)
-        self.count += np.bincount(bins, minlength=NUM_BINS)
+        self.count += counts
+        # along this trajectory: two-pass variance per bin (exact 0 for a constant stretch)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            bin_mean = sums / counts
+        deviation = values - bin_mean[bins]
+        std = np.sqrt(np.bincount(bins, weights=deviation * deviation, minlength=NUM_BINS) / np.maximum(counts, 1))
+        spread = counts >= 2
+        self.trajectory_std_sum[spread] += std[spread]
+        self.trajectory_count[spread] += 1
+        if n >= 2:
+            self.trajectory_overall_std_sum += float(np.std(values))
+            self.trajectories += 1
 
     def mean(self) -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore"):
             return self.total / self.count
 
-    def std(self) -> np.ndarray:
+    def std(self, pooled: bool = False) -> np.ndarray:
+        """[20] sigma per bin: mean over trajectories of the std along each (default), or pooled."""
         with np.errstate(invalid="ignore", divide="ignore"):
+            if not pooled:
+                return self.trajectory_std_sum / self.trajectory_count
             var = self.total_sq / self.count - self.mean() ** 2
         return np.sqrt(np.maximum(var, 0.0))
 
-    def overall_std(self) -> float:
+    def overall_std(self, pooled: bool = False) -> float:
+        """The scale `normalised std` divides by: the mean over trajectories of each one's std over
+        all its tokens (default), or the std of every token pooled."""
+        if not pooled:
+            return self.trajectory_overall_std_sum / self.trajectories if self.trajectories else float("nan")
         n = self.count.sum()
         if n == 0:
             return float("nan")
@@ -67,6 +114,10 @@ class Teachability:
     margin: dict[str, BinStats] = field(default_factory=lambda: defaultdict(BinStats))
     releases: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    problems: dict[str, int] = field(default_factory=dict)  # label -> distinct problems used
+    # run id -> problems measured at both step 0 and the last step (the comparison uses only
+    # these when there are any; 0 = the two steps measured different instances)
+    common_problems: dict[str, int] = field(default_factory=dict)
 
     def label(self, step: int, last: int) -> str | None:
         return "student (step 0)" if step == 0 else f"trained (step {last})" if step == last else None
@@ -94,21 +145,59 @@ def release_record(margins: np.ndarray, advantages: np.ndarray, segment_id: np.n
     }
 
 
-def collect(paths: list[Path], support_k: int | None = None) -> Teachability:
-    out = Teachability()
-    for reader in iter_shards(paths, skipped=out.skipped):
-        import tomllib
+def _shard_spec(reader) -> dict:
+    import tomllib
 
-        spec = tomllib.loads(reader.attrs.get("spec_toml", "")) if reader.attrs.get("spec_toml") else {}
+    return tomllib.loads(reader.attrs.get("spec_toml", "")) if reader.attrs.get("spec_toml") else {}
+
+
+def _measured_problems(paths: list[Path]) -> dict[tuple[str, str], set[str]]:
+    """(run id, label) -> the problem ids of the original rollouts there (rollout tables only)."""
+    out: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for reader in iter_shards(paths, skipped=[]):
+        last = int(_shard_spec(reader).get("train", {}).get("steps", 0))
+        label = Teachability().label(int(reader.attrs.get("step", 0)), last)
+        if label is not None:
+            table = reader.rollouts(["kind", "problem_id"])
+            out[(str(reader.attrs.get("run_id")), label)] |= {
+                str(p) for p, kind in zip(table["problem_id"], table["kind"]) if kind == "original"}
+    return out
+
+
+def collect(paths: list[Path], support_k: int | None = None, same_problems: bool = True) -> Teachability:
+    """`same_problems`: compare step 0 and the last step on the problems both measured (seed 002
+    samples "from both models across 500 training instances"), when a run has any in common."""
+    out = Teachability()
+    keep: dict[str, set[str]] = {}  # run id -> the problems to use (absent: all)
+    if same_problems:
+        measured = _measured_problems(paths)
+        for run_id in {r for r, _ in measured}:
+            labels = [lab for r, lab in measured if r == run_id]
+            if len(labels) < 2:
+                continue
+            common = set.intersection(*(measured[(run_id, lab)] for lab in labels))
+            out.common_problems[run_id] = len(common)
+            if common:
+                keep[run_id] = common
+            else:
+                log.warning("run %s: step 0 and the last step measured no problem in common; comparing "
+                            "different instances (set train.measure_problems = 'step0')", run_id)
+    used: dict[str, set[str]] = defaultdict(set)
+    for reader in iter_shards(paths, skipped=out.skipped):
+        spec = _shard_spec(reader)
         last = int(spec.get("train", {}).get("steps", 0))
         k = support_k or spec.get("mask", {}).get("support_k") or spec.get("scoring", {}).get("top_k")
         step = int(reader.attrs.get("step", 0))
         label = out.label(step, last)
         if label is None:
             continue
+        wanted = keep.get(str(reader.attrs.get("run_id")))
         for record in reader.iter_rollouts(columns=COLUMNS):
             if record.row["kind"] != "original":
                 continue
+            if wanted is not None and record.row["problem_id"] not in wanted:
+                continue
+            used[label].add(record.row["problem_id"])
             tokens = record.tokens
             advantages = (tokens["teacher_lp"] - tokens["student_lp"]).astype(np.float64)
             margins = teacher_top2_margin_from_logprobs(tokens["teacher_at_student_topk_lp"], k)
@@ -117,10 +206,27 @@ def collect(paths: list[Path], support_k: int | None = None) -> Teachability:
             if "segment_id" in tokens and len(advantages) >= 2:
                 out.releases[label].append(release_record(np.asarray(margins), advantages,
                                                           np.asarray(tokens["segment_id"])))
+    out.problems = {label: len(ids) for label, ids in used.items()}
     return out
 
 
-def bin_rows(stats: dict[str, BinStats], normalise: bool) -> tuple[list[str], list[list[str]]]:
+def comparison_note(result: Teachability) -> str:
+    """Which instances the step-0 vs last-step comparison is on, for the report."""
+    if not result.common_problems:
+        return ", ".join(f"{lab}: {n} problems" for lab, n in sorted(result.problems.items()))
+    counts = sorted(result.common_problems.values())
+    if all(n == 0 for n in counts):
+        return "no problem measured at both steps: different instances " + \
+            f"({', '.join(f'{lab}: {n}' for lab, n in sorted(result.problems.items()))})"
+    if len(counts) == 1:
+        return f"the same {counts[0]} problems at both steps"
+    return f"the same problems at both steps in each of {len(counts)} runs ({', '.join(map(str, counts))})"
+
+
+def bin_rows(stats: dict[str, BinStats], normalise: bool, pooled: bool = False
+             ) -> tuple[list[str], list[list[str]]]:
+    """One row per bin: the mean and the std (normalised by the overall std when `normalise`);
+    `pooled`: the std pooled across trajectories instead of along each (sigma_A)."""
     labels = sorted(stats)
     headers = ["bin"] + [f"{lab} mean" for lab in labels] + [f"{lab} {'norm. std' if normalise else 'std'}"
                                                              for lab in labels]
@@ -129,8 +235,8 @@ def bin_rows(stats: dict[str, BinStats], normalise: bool) -> tuple[list[str], li
         row = [f"{b * 5:>2d}-{(b + 1) * 5}%"]
         row += [f"{stats[lab].mean()[b]:+.4f}" for lab in labels]
         for lab in labels:
-            std = stats[lab].std()[b]
-            row.append(f"{std / stats[lab].overall_std():.3f}" if normalise else f"{std:.4f}")
+            std = stats[lab].std(pooled)[b]
+            row.append(f"{std / stats[lab].overall_std(pooled):.3f}" if normalise else f"{std:.4f}")
         rows.append(row)
     return headers, rows
 
@@ -155,7 +261,7 @@ def release_rows(result: Teachability) -> tuple[list[str], list[list[str]]]:
             "margin post", "A pre", "A post"], rows
 
 
-def plot(result: Teachability, out_dir: Path) -> list[Path]:
+def plot(result: Teachability, out_dir: Path, pooled: bool = False) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,7 +271,7 @@ def plot(result: Teachability, out_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for label, stats in sorted(result.advantage.items()):
         axes[0].plot(x, stats.mean(), marker=".", label=label)
-        axes[1].plot(x, stats.std() / stats.overall_std(), marker=".", label=label)
+        axes[1].plot(x, stats.std(pooled) / stats.overall_std(pooled), marker=".", label=label)
     for label, stats in sorted(result.margin.items()):
         axes[2].plot(x, stats.mean(), marker=".", label=label)
     for ax, title, ylabel in zip(axes, ["(a) mean advantage", "(b) normalised std of advantage",

@@ -13,8 +13,13 @@ Kinds:
   release               the release rule of seed 002 (teacher top-2 margin in the student's top-k,
                         sentence segments, BIC downward change point), see `release.py`.
   random_release        seed 002 sec. 4.3: the release rule's batch of release points, permuted
-                        across rollouts (seeded). A release point moves as a fraction of its
-                        rollout's length, so rollout i keeps round(f_pi(i) T_i) tokens (>= 1).
+                        across rollouts (seeded): rollout i keeps its first min(r_pi(i), T_i)
+                        tokens (>= 1), r_j the release token of rollout j ("randomly permutes these
+                        release points across samples"). `random_release_by = "fraction"` moves a
+                        release point as a fraction of its rollout's length instead (round(f T_i)).
+
+`rescale = None` (the spec's default) resolves per kind (`default_rescale`): on for seed 002's
+fixed_prefix and release kinds, off for full and seed 000's windows.
   std_release           seed 002 sec. 4.4, the "sigma_A release" variant: the same BIC downward
                         change point, on chunk scores log1p(std of the sampled-token advantage
                         A_t in the chunk) instead of margins. Chunks are the sentence segments,
@@ -83,6 +88,7 @@ def build_masks(
     support_k: int | None = None,
     min_chunk_tokens: int = 4,
     seed: int = 0,
+    random_release_by: str = "position",
 ) -> list[MaskResult]:
     """Masks for a batch of rollouts with response lengths `lengths` ([B]).
 
@@ -125,13 +131,16 @@ def build_masks(
     ]
     if kind == "release":
         return own
-    # random_release: rollout i takes the release fraction of rollout perm[i] (seed 002 sec. 4.3).
+    # random_release: rollout i takes the release point of rollout perm[i] (seed 002 sec. 4.3).
     perm = np.random.default_rng(seed).permutation(len(lengths))
     result = []
     for t, donor_index in zip(lengths, perm):
         donor, donor_length = own[donor_index], lengths[donor_index]
-        kept_fraction = donor.release_token / donor_length if donor_length else 1.0
-        stop = min(t, max(1, _round(kept_fraction * t)))
+        if random_release_by == "position":
+            stop = min(t, max(1, donor.release_token))
+        else:
+            kept_fraction = donor.release_token / donor_length if donor_length else 1.0
+            stop = min(t, max(1, _round(kept_fraction * t)))
         mask = _span_mask(t, 0, stop, rescale)
         result.append(_with_diagnostics(mask, donor.accepted, donor.bic_improvement, -1))
     return result
@@ -223,6 +232,15 @@ def _std_release(length, advantages, segments, min_chunk_tokens, rescale) -> Mas
 
 # the kinds that read segments, teacher margins and advantages
 SCORED_KINDS = ("release", "random_release", "std_release")
+# the kinds whose kept span is rescaled to the rollout's loss mass when `mask.rescale` is unset:
+# seed 002's (sec. 3; its fixed-prefix baseline keeps "the standard OPD objective" on the prefix
+# with the same per-sample mass); seed 000's windows and full are not rescaled (experiment 4)
+RESCALED_KINDS = ("fixed_prefix", "release", "random_release", "std_release")
+
+
+def default_rescale(kind: str, rescale: bool | None) -> bool:
+    """`mask.rescale` resolved: the spec's value, or the kind's seed default when None."""
+    return kind in RESCALED_KINDS if rescale is None else bool(rescale)
 
 
 def spec_masks(mask, top_k: int, seed: int, step: int, lengths: Sequence[int], *, segments=None,
@@ -230,7 +248,8 @@ def spec_masks(mask, top_k: int, seed: int, step: int, lengths: Sequence[int], *
     """Each rollout's weights [T_i] under a spec's `[mask]` (`mask`: a MaskSpec) at step `step`
     of run seed `seed`: what training uses (`train.steps.supervision_masks`) and replay rebuilds."""
     results = build_masks(mask.kind, lengths, fraction=mask.fraction, prefix_tokens=mask.prefix_tokens,
-                          rescale=mask.rescale, teacher_lp_at_student_topk=teacher_lp_at_student_topk,
+                          rescale=default_rescale(mask.kind, mask.rescale),
+                          teacher_lp_at_student_topk=teacher_lp_at_student_topk,
                           segments=segments, advantages=advantages, support_k=mask.support_k or top_k,
-                          seed=seed * 100_003 + step)
+                          seed=seed * 100_003 + step, random_release_by=mask.random_release_by)
     return [r.weights for r in results]

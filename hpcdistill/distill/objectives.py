@@ -150,6 +150,15 @@ def _group_mean(values: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor
     return (sums / counts)[inverse]
 
 
+def logprobs_at_temperature(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log pi_theta(y_t | T) = log_softmax(logits_t / T)[y_t]: the trainer's log-probs under the
+    distribution the sampler draws from at temperature T (before top-k / top-p truncation; seed
+    004 samples with top_p = 1). logits: [N, V], ids: [N] -> [N], with grad through `logits`.
+    T = 0 (greedy) has no such distribution: the raw (T = 1) log-probs are returned."""
+    scaled = logits if temperature in (0.0, 1.0) else logits / temperature
+    return torch.log_softmax(scaled.float(), -1).gather(-1, ids[:, None])[:, 0]
+
+
 def context_distill_loss(
     student_lp: torch.Tensor,
     inference_lp: torch.Tensor,
@@ -169,8 +178,10 @@ def context_distill_loss(
 ) -> tuple[torch.Tensor, Metrics]:
     """Sequence-reward context distillation, as reviewed in seed 004 sec. 4 (prime-rl's loss).
 
-    student_lp: [N] trainer log-probs of the sampled tokens (with grad); inference_lp: [N] the
-    sampler's; teacher_lp: [N] the teacher's (same model, enhanced context); task_reward: [B];
+    student_lp: [N] trainer log-probs of the sampled tokens (with grad) AT THE SAMPLING TEMPERATURE T
+    (`logprobs_at_temperature`, prime-rl's trainer divides its logits by T); inference_lp: [N] the
+    sampler's (the behaviour policy's: weights rollout.policy_lag steps old, at T); teacher_lp: [N]
+    the teacher's (same model, enhanced context, T = 1); task_reward: [B];
     seq_index: [N] rollout of each token; group_index: [B] problem of each rollout; weights: [N]
     optional supervision weights (default 1).
 

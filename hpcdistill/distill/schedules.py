@@ -14,7 +14,8 @@ the initial student to use. The training loop composes exactly what the plan say
 | teacher_seeded     | on-policy; the teacher writes the first n(s) tokens of each rollout,        |
 |                    | n(s) = round(seed_tokens_start * (1 - s / seed_decay_steps)), >= 0          |
 | mixture            | off_policy_weight * off-policy + (1 - off_policy_weight) * on-policy        |
-| replay_buffer      | on-policy, plus the stored off-policy batch every replay_every steps        |
+| replay_buffer      | on-policy, plus every replay_every steps at most replay_size teacher        |
+|                    | sequences on a seeded sample of the problems trained on so far              |
 | kl_anchored        | off-policy + kl_anchor_beta * KL(current || initial student)                |
 | reverse_curriculum | on-policy, then off-policy for the last reverse_steps steps                 |
 """

@@ -7,6 +7,11 @@ transformers version (transformers 5 returns a BatchEncoding from `tokenize=True
 
 Note: some templates (SmolLM2's among them) insert a default system prompt when the first message
 is not a system message; pass `system_prompt` explicitly to control it.
+
+Template variables of a run (`model.enable_thinking`: Qwen3's thinking switch) travel on the
+tokenizer: `set_chat_options(tokenizer, enable_thinking=False)` once after loading, and every
+render of that tokenizer passes them to `apply_chat_template`. A template that does not read a
+variable ignores it (jinja leaves unused variables alone).
 """
 
 from __future__ import annotations
@@ -34,12 +39,24 @@ def multi_turn(turns: Sequence[str], system_prompt: str | None = None) -> list[M
     return messages + [{"role": roles[i % 2], "content": text} for i, text in enumerate(turns)]
 
 
+CHAT_OPTIONS = "_hpcdistill_chat_options"  # the tokenizer attribute holding the template variables
+
+
+def set_chat_options(tokenizer: Any, *, enable_thinking: bool | None = None) -> None:
+    """Template variables every later render of `tokenizer` passes; None = the template's default
+    (the variable is not passed at all)."""
+    if tokenizer is None:
+        return
+    options = {"enable_thinking": enable_thinking}
+    setattr(tokenizer, CHAT_OPTIONS, {k: v for k, v in options.items() if v is not None})
+
+
 def render_text(tokenizer: Any, messages: list[Message], add_generation_prompt: bool = True) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise ModelError(f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no chat "
                          "template; use an instruct/chat model")
-    return tokenizer.apply_chat_template(messages, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **getattr(tokenizer, CHAT_OPTIONS, {}))
 
 
 def render_prompt(tokenizer: Any, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
@@ -69,4 +86,5 @@ def render_response(tokenizer: Any, messages: list[Message], response_text: str)
     return list(tokenizer.encode(response_text, add_special_tokens=False)) + eos
 
 
-__all__ = ["Message", "single_turn", "multi_turn", "render_text", "render_prompt", "render_response"]
+__all__ = ["Message", "single_turn", "multi_turn", "render_text", "render_prompt", "render_response",
+           "set_chat_options"]

@@ -1,4 +1,4 @@
-"""The shard schema, version 1.0: every dataset, its dtype, shape, fill value, units and meaning.
+"""The shard schema, version 1.2: every dataset, its dtype, shape, fill value, units and meaning.
 
 This module is the single source of the names in `docs/shard-format.md` (the contract); the writer
 copies each column's `units` and `description` into the dataset's attrs, so a shard explains itself
@@ -21,10 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 # 1.1 added optional columns only (the teacher's top-k with the student there, teaching-signal
 # diagnostics, per-token training loss, the teacher's prompt and its demonstration): 1.0 reads as is.
-READABLE_VERSIONS: tuple[str, ...] = ("1.0", "1.1")
+# 1.2 added two rollout kinds (fixed, fixed_regenerated: step 0's rollouts re-scored at a later
+# step, `scoring.rescore_step0`); the old kinds keep their codes, so 1.0 and 1.1 read as is.
+READABLE_VERSIONS: tuple[str, ...] = ("1.0", "1.1", "1.2")
 
 NATS = "nats (natural-log probability)"
 
@@ -92,7 +94,10 @@ TOKEN_COLUMNS: dict[str, Column] = {c.name: c for c in [
 # Extra per-token columns a writer registers by name are float32 [n] with this fill.
 EXTRA_TOKEN_DTYPE = "float32"
 
-KINDS: dict[str, int] = {"original": 0, "regenerated": 1, "eval": 2, "teacher": 3, "probe": 4}
+# fixed / fixed_regenerated (1.2): the original / regenerated rollouts of step 0, re-scored with
+# the weights of the shard's step (seed 000 exp. 3's fixed evaluation set; weight_version = 0).
+KINDS: dict[str, int] = {"original": 0, "regenerated": 1, "eval": 2, "teacher": 3, "probe": 4,
+                         "fixed": 5, "fixed_regenerated": 6}
 
 
 def _row(name, dtype, required, units, description):
@@ -105,7 +110,7 @@ ROLLOUT_COLUMNS: dict[str, Column] = {c.name: c for c in [
     _row("problem_id", "str", True, "", "the task's problem id"),
     _row("sample_idx", "int32", True, "index", "which of the N samples of the problem"),
     _row("step", "int32", True, "training step", "the step the rollout was recorded at"),
-    _row("kind", "kind", True, "enum", "original | regenerated | eval | teacher | probe"),
+    _row("kind", "kind", True, "enum", "original | regenerated | eval | teacher | probe | fixed | fixed_regenerated"),
     _row("reward", "float32", True, "task reward", "the verifier's reward (NaN when not scored)"),
     _row("seed", "int64", True, "", "the run seed the rollout was sampled under"),
     _row("weight_version", "int32", True, "training step", "the student weights that sampled the rollout"),

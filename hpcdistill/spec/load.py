@@ -248,7 +248,9 @@ class _Validator:
             if not isinstance(value, dict):
                 self.error(dotted, f"expected a table, got {value!r}")
                 return _INVALID
-            return dict(value)
+            value_tp = get_args(tp)[1] if get_args(tp) else Any
+            items = {k: self.convert(value_tp, v, f"{dotted}.{k}") for k, v in value.items()}
+            return _INVALID if any(v is _INVALID for v in items.values()) else items
         if tp is Any:
             return value
         ok = (

@@ -36,6 +36,11 @@ ONLY_WHEN: dict[str, tuple[tuple[str, tuple[Any, ...]], ...]] = {
     "train.gamma": (("train.support", ("sampled",)), ("train.sampled_use", ("reward",))),
     "teacher.ema_rate": (("teacher.weights", ("ema",)),),
     "teacher.trust_region_mix": (("teacher.weights", ("trust_region",)),),
+    "mask.random_release_by": (("mask.kind", ("random_release",)),),
+    "train.exopd_alpha": (("train.objective", ("exopd",)),),
+    "train.exopd_reference": (("train.objective", ("exopd",)),),
+    "loop.top_k_prompts": (("loop.distill_selection", ("top_k",)),),
+    "loop.max_distill_prompts": (("loop.distill_selection", ("pareto",)),),
 }
 
 # template key -> the fields it may use
@@ -120,9 +125,54 @@ def cross_errors(spec: Spec) -> list[tuple[str, str]]:
         errors.append(("train.on_policy_fraction", f"mixes teacher samples into methods "
                        f"{', '.join(map(repr, DISTILL_METHODS))}; method {train.method!r} schedules its "
                        "own off-policy data"))
+    if train.exopd_reference != "initial" and train.method == "kl_anchored":
+        errors.append(("train.exopd_reference", f"is {train.exopd_reference!r}, but method 'kl_anchored' anchors "
+                       "to the initial student, which ExOPD would then not use; keep exopd_reference = 'initial'"))
+    mask, scoring = spec.mask, spec.scoring
+    if mask.support_k is not None and mask.support_k > scoring.top_k:
+        errors.append(("mask.support_k", f"is {mask.support_k}, but scoring.top_k = {scoring.top_k} is all "
+                       "of the student's top-k that scoring records; set mask.support_k <= scoring.top_k "
+                       f"or scoring.top_k >= {mask.support_k}"))
+    if spec.scoring.rescore_step0 and train.steps == 0:
+        errors.append(("scoring.rescore_step0", "re-scores step 0's rollouts after every training step; "
+                       "train.steps is 0 (measurement only): set train.steps > 0 or remove it"))
+    if train.measure_problems != "drawn" and train.problems_per_step is None:
+        errors.append(("train.measure_problems", f"is {train.measure_problems!r}, but train.problems_per_step "
+                       "is not set, so every step already measures all problems; set train.problems_per_step "
+                       "or remove it"))
     if train.off_policy_loss == "divergence" and train.objective != "distill":
         errors.append(("train.off_policy_loss", f"'divergence' trains teacher samples with objective "
                        f"'distill'; train.objective is {train.objective!r}"))
+    if spec.rollout.policy_lag > 0 and (spec.trainer.strategy == "fsdp" or
+                                        (spec.trainer.strategy == "deepspeed" and spec.trainer.zero_stage == 3)):
+        errors.append(("rollout.policy_lag", f"keeps the lagged weights by swapping them into the student's "
+                       f"parameters, which trainer.strategy = {spec.trainer.strategy!r} shards over ranks; use "
+                       "trainer.strategy 'single' or 'deepspeed' with zero_stage 1 or 2, or policy_lag = 0"))
+    errors += benchmark_errors(spec)
+    return errors
+
+
+def benchmark_errors(spec: Spec) -> list[tuple[str, str]]:
+    """eval.benchmarks (seed 002's multi-benchmark eval) against the keys of the single-set eval."""
+    ev = spec.eval
+    if not ev.benchmarks:
+        return []
+    errors = []
+    for key in ("split", "num_problems"):
+        if getattr(ev, key) is not None:
+            errors.append((f"eval.{key}", f"is the single-set eval's; eval.benchmarks is set, where each "
+                           f"benchmark has its own {key}: set it in the [[eval.benchmarks]] tables or remove it"))
+    if ev.every == 0:
+        errors.append(("eval.benchmarks", "is read only when eval.every > 0 (it is 0); set eval.every or "
+                       "remove eval.benchmarks"))
+    if spec.task.name != "math":
+        errors.append(("eval.benchmarks", f"benchmark loaders exist for task.name = 'math' (seed 002); task.name "
+                       f"is {spec.task.name!r}: use eval.split for the single-set eval"))
+    labels = [b.label for b in ev.benchmarks]
+    for label in sorted({x for x in labels if labels.count(x) > 1 or x == "avg"}):
+        errors.append(("eval.benchmarks", f"benchmark name {label!r} is " + (
+            "reserved for the average (eval/avg/...)" if label == "avg" else "used twice") +
+            "; give the tables distinct `name`s"))
     return errors
 
 

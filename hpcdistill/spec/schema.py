@@ -41,6 +41,10 @@ class ModelSpec:
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     trust_remote_code: bool = False
+    # The chat template's `enable_thinking` variable for every prompt of the run (student and
+    # teacher): false = Qwen3's non-thinking mode (seed 002's student), None = the template's
+    # default (not passed). Templates that do not read it are unaffected.
+    enable_thinking: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,10 @@ class RolloutSpec:
     top_k: int = opt(0, ge=0)  # 0 = no top-k truncation while sampling
     batch_size: int = opt(8, ge=1)
     system_prompt: str = ""  # the student's system prompt ("" = none)
+    # Off-policy lag (prime-rl's async_level, seed 004 sec. 6.1 metrics is_masked / geo_seq_ratio):
+    # step s samples its rollouts with the weights of step max(0, s - policy_lag); the trainer's
+    # log-probs are at step s. 0 = synchronous on-policy (the loop's behaviour before this key).
+    policy_lag: int = opt(0, ge=0)
     # backend = "vllm": the Python that runs vLLM's server ($HPCDISTILL_VLLM_PYTHON overrides it)
     vllm_python: str = "python3"
     vllm_startup_timeout_s: float = opt(600.0, gt=0)
@@ -119,6 +127,11 @@ class ScoringSpec:
     # teacher and union top-k supports train on, and what `hpcdistill replay` needs to recompute
     # them. About 12 k bytes per token (k = 20: 240 B/token, roughly doubling a shard).
     teacher_topk: bool = True
+    # Seed 000 exp. 3, "after each step, recalculate the standard KL": keep step 0's rollouts and
+    # regenerations as a fixed evaluation set and re-score those same token sequences with the
+    # current weights at every step (shard kinds "fixed" / "fixed_regenerated"); training still
+    # uses each step's fresh rollouts. False = only the fresh rollouts of each step are measured.
+    rescore_step0: bool = False
 
 
 @dataclass(frozen=True)
@@ -159,7 +172,10 @@ class TrainSpec:
     lr: float = opt(1e-6, gt=0)
     weight_decay: float = opt(0.01, ge=0)
     max_grad_norm: float = opt(1.0, gt=0)
-    exopd_alpha: float = opt(1.0, ge=0)  # ExOPD reward extrapolation coefficient
+    # ExOPD (G-OPD's reward extrapolation, seed 002's baseline): per sampled token
+    # A = alpha (log p_T - log p_ref) - (log p_S - log p_ref); alpha = 1 is OPD
+    exopd_alpha: float = opt(1.0, ge=0)
+    exopd_reference: str = "initial"  # p_ref: "initial" = the frozen initial student, or a model id
     adv_tau: float = 1.0  # seed 004: full_reward = adv_tau*R + teacher_tau*sum(lp_T) - student_tau*sum(lp_S)
     teacher_tau: float = 1.0
     student_tau: float = 1.0
@@ -170,12 +186,17 @@ class TrainSpec:
     # Problems per step drawn (seeded by step) from the task's problems; None = all of them every
     # step (seed 000 trains and evaluates on the same fixed problems).
     problems_per_step: int | None = opt(None, ge=1)
+    # The problems of the last (measurement-only) step when problems_per_step draws per step:
+    # "drawn" = its own draw; "step0" = step 0's draw again, so the base student (step 0) and the
+    # trained one (last step) are measured on the same instances (seed 002's diagnosis).
+    measure_problems: Literal["drawn", "step0"] = "drawn"
     # method schedules (seed 003; see hpcdistill.distill.schedules)
     switch_step: int = opt(50, ge=0)  # hybrid: off-policy before this step
     seed_tokens_start: int = opt(20, ge=0)  # teacher_seeded: prefix tokens at step 0 ...
     seed_decay_steps: int = opt(50, ge=0)  # ... decaying linearly to 0 over this many steps
     off_policy_weight: float = opt(0.3, ge=0, le=1)  # mixture: 0.3 off + 0.7 on per step
-    replay_every: int = opt(10, ge=1)  # replay_buffer: inject the stored off-policy batch every k steps
+    replay_every: int = opt(10, ge=1)  # replay_buffer: inject off-policy teacher data every k steps:
+    replay_size: int = opt(64, ge=1)  # at most this many teacher sequences, on a seeded sample of past problems
     replay_weight: float = opt(1.0, ge=0)
     kl_anchor_beta: float = opt(0.1, ge=0)  # kl_anchored: beta * KL(current || initial student)
     reverse_steps: int = opt(30, ge=0)  # reverse_curriculum: off-policy for the last N steps
@@ -199,8 +220,20 @@ class MaskSpec:
                   "fixed_prefix", "release", "random_release", "std_release"] = "full"
     fraction: float = opt(0.5, gt=0, le=1)
     prefix_tokens: int = opt(1024, ge=1)
-    rescale: bool = True  # loss-mass rescale of the kept tokens (seed 002)
-    support_k: int | None = opt(None, ge=2)  # student top-K for the release margin (None = scoring.top_k)
+    # Loss-mass rescale of the kept tokens (x T / kept). None = each seed's own reading: on for seed
+    # 002's prefix and release kinds ("rescale the retained prefix to preserve the per-sample loss
+    # mass"), off for full and seed 000's windows (experiment 4 does not rescale its half windows).
+    rescale: bool | None = None
+    # student top-K for the release margin (None = scoring.top_k); at most scoring.top_k, which is
+    # what scoring records
+    support_k: int | None = opt(None, ge=2)
+    # random_release: permute the release points (token positions, the seed's reading) or the
+    # kept fractions of the rollouts' lengths
+    random_release_by: Literal["position", "fraction"] = "position"
+    # Sentence segments (release rule, std_release, recorded segment_id): NLTK Punkt plus a break
+    # after every newline run (true), or Punkt alone (false: a bare newline never splits). The
+    # newline breaks add segments, i.e. raise the n of the BIC test (docs/objectives.md).
+    segment_newlines: bool = True
 
 
 @dataclass(frozen=True)
@@ -211,6 +244,36 @@ class EvalSpec:
     split: str | None = None  # None = the training problems (seed 000); else this split of the task
     num_problems: int | None = opt(None, ge=1)  # None = task.num_problems
     max_new_tokens: int | None = opt(None, ge=1)  # None = rollout.max_new_tokens
+    # Several benchmarks instead of the single set above (seed 002 section 4.1, appendix A.6): each
+    # [[eval.benchmarks]] table is one set with its own samples per problem, reported as
+    # eval/<name>/reward@T and passed@T, plus eval/avg/... (= eval/reward@T) over those with
+    # average = true. [] = the single set (eval.split / eval.num_problems).
+    benchmarks: list[BenchmarkSpec] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """One evaluation benchmark of `eval.benchmarks` (a task source, hpcdistill.tasks.math_sources)."""
+
+    source: str  # aime25 | hmmt25_feb | hmmt25_nov | math500 | minerva | gpqa | ... | <key>:<file> | path.jsonl
+    name: str | None = opt(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # None = the source key / file stem
+    samples: int | None = opt(None, ge=1)  # samples per problem; None = eval.samples
+    split: str | None = None  # None = the source's default split (a benchmark's only one)
+    num_problems: int | None = opt(None, ge=1)  # None = every problem of the benchmark
+    average: bool = True  # counted in eval/avg (seed 002 reports GPQA apart: average = false)
+
+    @property
+    def label(self) -> str:
+        """The name in metric keys: `name`, else the source key ("aime25", "aime25:/x.jsonl") or
+        the stem of a bundled-format file."""
+        if self.name:
+            return self.name
+        key, sep, _ = self.source.partition(":")
+        if sep and "/" not in key:
+            return key
+        if self.source.endswith(".jsonl") or "/" in self.source:
+            return self.source.rstrip("/").rsplit("/", 1)[-1].removesuffix(".jsonl")
+        return self.source
 
 
 @dataclass(frozen=True)
@@ -267,8 +330,9 @@ class LoopSpec:
 
     `hpcdistill loop SPEC` (hpcdistill.train.prompt_loop), per round: GEPA evolves the teacher
     system prompt, each candidate scored by the current student WITH it on the validation split;
-    the best `top_k_prompts` each drive a context-distillation sweep; the distilled students are
-    scored WITHOUT the teacher context on the same split; the best one is the next round's student.
+    the prompts `distill_selection` picks (default: GEPA's Pareto front) each drive a
+    context-distillation sweep; the distilled students are scored WITHOUT the teacher context on
+    the held-out split (disjoint from the validation one); the best one is the next round's student.
     Layout: <output_dir>/<name>/{record_file, spec.toml, round01-<key>/{gepa/, distill.toml,
     distill/<run_id>/...}}, <key> hashing the loop spec, the round and its student.
     """
@@ -301,8 +365,19 @@ class LoopSpec:
     reflection_api_key_env: str | None = None  # NAME of the variable holding the key, never the key
     reflection_max_tokens: int = opt(2048, ge=1)
     reflection_temperature: float = opt(1.0, ge=0)
-    # -- distillation: the best k prompts (by direct score) each drive a run per seed
+    # -- distillation: which GEPA prompts each drive a run per seed. pareto (seed 6.3.1: "for each
+    # Pareto front program"): every program on GEPA's per-validation-instance Pareto front (its
+    # non-dominated set), at most max_distill_prompts of them (best direct score first; None = all);
+    # top_k: the top_k_prompts best by direct score.
+    distill_selection: Literal["pareto", "top_k"] = "pareto"
+    max_distill_prompts: int | None = opt(None, ge=1)
     top_k_prompts: int = opt(2, ge=1)
+    # -- the held-out problems the distilled students (and the round's student) are scored on,
+    # WITHOUT the teacher context (seed 6.3.3: "500 held-out examples"); kept disjoint from the
+    # validation problems GEPA selects on (problems shared by id or prompt text are dropped).
+    heldout_split: str = "test"
+    heldout_num_problems: int = opt(500, ge=1)
+    heldout_seed: int = opt(0, ge=0)  # 0: the problems an in-run eval of that split draws (seed 0)
     keep_student_if_worse: bool = False  # True: a round whose best distilled student scores below
     #                                      the current student keeps the current one
     # -- output
@@ -351,6 +426,9 @@ class LaunchSpec:
     max_runs: int = opt(1000, ge=1)
     max_array_size: int | None = opt(None, ge=1)  # None = ask Slurm (MaxArraySize)
     gpu_hour_price: float = opt(0.0, ge=0)  # for cost accounting (seed 003's cost tables), per GPU-hour
+    # ... or per wall-clock hour of a run, all its GPUs included, by model.student (seed 003 prices a
+    # run-hour: ~$0.75 Qwen, ~$1.00 Llama); a listed student's runs use this instead of gpu_hour_price
+    run_hour_price: dict[str, float] = field(default_factory=dict)
     slurm_extra: dict[str, Any] = field(default_factory=dict)  # more sbatch options
 
 

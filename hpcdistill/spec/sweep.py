@@ -54,7 +54,9 @@ class Run:
 # The run id hashes the science values that differ from the schema's defaults, so a new key
 # whose default keeps the old behaviour leaves every existing id (and completed run) as it was.
 # Changing what an existing default means changes what old ids computed: bump this with it.
-RUN_ID_VERSION = 2
+# 3: issue 15 changed defaults' meaning (mask.rescale per kind, random_release by position, ExOPD
+# with its reference, replay_buffer's bounded injection, the seed-004 lag and frozen teacher).
+RUN_ID_VERSION = 3
 
 
 def _not_default(values: Any, defaults: Any) -> Any:

@@ -82,8 +82,11 @@ def filter_split(records: list[tuple[int, dict]], split: str, where: str) -> lis
     return chosen
 
 
-def choose(items: list, num_problems: int, seed: int, where: str) -> list:
-    """`num_problems` items chosen by `seed`, kept in source order; all of them when there are fewer."""
+def choose(items: list, num_problems: int | None, seed: int, where: str) -> list:
+    """`num_problems` items chosen by `seed`, kept in source order; all of them when there are fewer
+    (or when `num_problems` is None: a whole benchmark)."""
+    if num_problems is None:
+        return list(items)
     if num_problems < 1:
         raise TaskError(f"{where}: num_problems must be >= 1, got {num_problems}")
     if num_problems >= len(items):

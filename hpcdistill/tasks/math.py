@@ -1,8 +1,14 @@
-"""The math task: final-answer extraction and equivalence (GSM8K, MATH-500, bundled problems).
+"""The math task: final-answer extraction and equivalence.
+
+Sources: the bundled problems, a local .jsonl file in the bundled format, or one of the hub datasets
+of `hpcdistill.tasks.math_sources` (GSM8K, MATH-500, DeepMath-103K, AIME25, HMMT25 Feb/Nov,
+Minerva, GPQA-Diamond), from the hub (`"aime25"`) or from a local file of its own rows
+(`"aime25:/data/aime25.jsonl"`).
 
 Extraction order: the last `\\boxed{...}` (nested braces), else the last GSM8K `#### answer`, else
 the last number in the text. Equivalence: math_verify (parse + verify), then a numeric comparison
 as a fallback (math_verify needs the main thread for its timeouts and can fail on odd strings).
+Multiple-choice problems (GPQA) compare option letters instead (`math_sources.extract_choice`).
 """
 
 from __future__ import annotations
@@ -14,13 +20,13 @@ import threading
 from pathlib import Path
 
 from hpcdistill.errors import TaskError
-from hpcdistill.tasks.base import (DATA_DIR, Problem, Verdict, choose, filter_split, load_hub_dataset, read_jsonl,
-                                   resolve_source)
+from hpcdistill.tasks import math_sources
+from hpcdistill.tasks.base import DATA_DIR, Problem, Verdict, choose, filter_split, read_jsonl, resolve_source
+from hpcdistill.tasks.math_sources import gsm8k_answer  # noqa: F401 - part of this module's API
 
 logger = logging.getLogger(__name__)
 
 BUNDLED = DATA_DIR / "math_problems.jsonl"
-GSM8K_ID, MATH500_ID = "openai/gsm8k", "HuggingFaceH4/MATH-500"
 INSTRUCTION = "Solve the problem step by step. Put the final answer in \\boxed{}."
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -85,55 +91,42 @@ def answers_equal(expected: str, extracted: str) -> tuple[bool, str]:
     return expected.strip() == extracted.strip(), "string"
 
 
-def gsm8k_answer(solution: str) -> str:
-    """The final answer of a GSM8K solution ('... #### 1,234' -> '1234')."""
-    return solution.rsplit("####", 1)[-1].strip().replace(",", "")
-
-
 def build_prompt(question: str) -> str:
     return f"{question.strip()}\n\n{INSTRUCTION}"
 
 
 class MathTask:
     name = "math"
-    default_sources = ("bundled", "gsm8k", "math500")
+    default_sources = ("bundled", *math_sources.SOURCES)
 
-    def load_problems(self, source: str = "bundled", split: str = "test", num_problems: int = 10,
+    def load_problems(self, source: str = "bundled", split: str | None = "test", num_problems: int | None = 10,
                       seed: int = 0) -> list[Problem]:
-        resolved = resolve_source(source, self.name, self.default_sources)
-        if resolved == "gsm8k":
-            rows = self._hub(GSM8K_ID, split, ("train", "test"), "main")
-            records = [(i + 1, {"problem_id": f"gsm8k-{split}-{i}", "question": r["question"],
-                                "answer": gsm8k_answer(r["answer"])}) for i, r in enumerate(rows)]
-            where = GSM8K_ID
-        elif resolved == "math500":
-            rows = self._hub(MATH500_ID, split, ("test",), None)
-            records = [(i + 1, {"problem_id": r.get("unique_id") or f"math500-{i}", "question": r["problem"],
-                                "answer": r["answer"]}) for i, r in enumerate(rows)]
-            where = MATH500_ID
-        else:
-            path = BUNDLED if resolved == "bundled" else Path(resolved)
-            records = filter_split(read_jsonl(path, ("problem_id", "question", "answer")), split, str(path))
+        """`split` None = the source's default split (a benchmark's only one; "test" when bundled);
+        a local file of a hub dataset's rows is the whole set (no split). `num_problems` None = all."""
+        local = math_sources.split_local(source)
+        if local is not None:
+            records, where = math_sources.local_records(*local)
+        elif source in math_sources.SOURCES:
+            records, where = math_sources.hub_records(source, split)
+        elif source == "bundled" or source.endswith(".jsonl") or "/" in source:
+            path = BUNDLED if source == "bundled" else Path(resolve_source(source, self.name, ("bundled",)))
             where = str(path)
+            records = [r for _, r in filter_split(read_jsonl(path, ("problem_id", "question", "answer")),
+                                                  split or "test", where)]
+        else:
+            keys = ", ".join(math_sources.SOURCES)
+            raise TaskError(f"task 'math': unknown source {source!r}; allowed: bundled, {keys}; "
+                            f"<source>:<path of a .jsonl or .parquet file of that dataset's rows> "
+                            f"(e.g. \"deepmath:/data/deepmath.jsonl\"); or the path of a local .jsonl file "
+                            f"in the bundled format (problem_id, question, answer)")
         chosen = choose(records, num_problems, seed, where)
-        return [Problem(str(r["problem_id"]), build_prompt(r["question"]),
-                        {"answer": str(r["answer"]), "question": r["question"]}) for _, r in chosen]
-
-    @staticmethod
-    def _hub(dataset_id: str, split: str, splits: tuple[str, ...], config: str | None):
-        if split not in splits:
-            raise TaskError(f"dataset {dataset_id!r}: unknown split {split!r}; allowed: {', '.join(splits)}")
-
-        def load():
-            from datasets import load_dataset
-
-            return load_dataset(dataset_id, config, split=split) if config else load_dataset(dataset_id, split=split)
-
-        return load_hub_dataset(dataset_id, load)
+        return [_problem(r) for r in chosen]
 
     def verify(self, problem: Problem, completion: str, *, timeout_s: float = 6.0,
                memory_mb: int = 512) -> Verdict:
         expected = problem.data["answer"]
+        if problem.data.get("choices"):
+            return _verify_choice(problem, completion)
         extracted, how = extract_answer(completion)
         if extracted is None:
             return Verdict(0.0, False, f"No final answer found in the response. The expected answer is {expected}.",
@@ -144,3 +137,26 @@ class MathTask:
         return Verdict(float(equal), equal, feedback, {"expected": expected, "extracted": extracted,
                                                        "extraction": how, "method": method,
                                                        "boxed": how == "boxed"})
+
+
+def _problem(record: dict) -> Problem:
+    question = record["question"]
+    if record.get("choices"):  # multiple choice (GPQA): the options are part of the prompt
+        return Problem(str(record["problem_id"]), math_sources.choice_prompt(question, record["choices"]),
+                       {"answer": str(record["answer"]), "question": question, "choices": list(record["choices"])})
+    return Problem(str(record["problem_id"]), build_prompt(question),
+                   {"answer": str(record["answer"]), "question": question})
+
+
+def _verify_choice(problem: Problem, completion: str) -> Verdict:
+    """A multiple-choice answer: the letter (or the exact option text) against the correct letter."""
+    expected = problem.data["answer"]
+    boxed = last_boxed(completion)
+    extracted, how = math_sources.extract_choice(completion, problem.data["choices"], boxed)
+    if extracted is None:
+        return Verdict(0.0, False, f"No option letter found in the response. The expected answer is {expected}.",
+                       {"expected": expected, "extracted": None, "extraction": how, "boxed": boxed is not None})
+    equal = extracted == expected
+    feedback = f"{'Correct' if equal else 'Incorrect'}. Expected answer: {expected}. Extracted answer: {extracted}."
+    return Verdict(float(equal), equal, feedback, {"expected": expected, "extracted": extracted, "extraction": how,
+                                                   "method": "choice", "boxed": how.startswith("boxed")})

@@ -25,7 +25,7 @@ from hpcdistill.distill import contexts
 from hpcdistill.distill.segments import sentence_segments
 from hpcdistill.launch.gpus import RoleDevices
 from hpcdistill.launch.paths import RunPaths
-from hpcdistill.models.chat import render_prompt
+from hpcdistill.models.chat import render_prompt, set_chat_options
 from hpcdistill.models.generation import generate
 from hpcdistill.models.loading import ModelHandle, load_model, tiny_random_model
 from hpcdistill.models.parity import check_template_parity
@@ -47,11 +47,23 @@ class Models:
     teacher: ModelHandle  # the same object as `student` when model.teacher = "same"
     rollout_server: Any = None  # a VLLMServer when rollout.backend = "vllm" (rank 0 only)
     trainer: Any = None  # the student's `train.distributed.Trainer` while training; None = measurement
+    policy_lag: Any = None  # a train.policy_lag.PolicyLag when rollout.policy_lag > 0 (training only)
 
     @property
     def weight_version(self) -> int | None:
-        """The weights the rollout engine samples with (the server's version), if it tracks one."""
-        return None if self.rollout_server is None else self.rollout_server.weight_version
+        """The weights the rollout engine samples with (the server's version, or the lagged version
+        the in-process sampler last used), if it tracks one."""
+        if self.rollout_server is not None:
+            return self.rollout_server.weight_version
+        lag = self.policy_lag
+        return None if lag is None or not lag.in_process else lag.sampled_version
+
+    def behaviour_weights(self, step: int):
+        """Around a step's rollout sampling: the student holds the weights that step samples with
+        (`rollout.policy_lag` on the in-process backend; vLLM's server already serves them)."""
+        if self.policy_lag is None or not self.policy_lag.in_process:
+            return contextlib.nullcontext()
+        return self.policy_lag.sampling(self.student.model, step)
 
     @property
     def world_size(self) -> int:
@@ -180,8 +192,12 @@ def _load(model_id: str, spec: Spec, device: str) -> ModelHandle:
         # path that need a real model but not a good one. "tiny-random:<seed>".
         bundled = load_model(BUNDLED_MODEL, dtype="float32", device="cpu")
         seed = int(model_id[len(TINY_PREFIX):] or 0)
-        return tiny_random_model(seed=seed, tokenizer=bundled.tokenizer)
-    return load_model(model_id, dtype=spec.model.dtype, device=device)
+        handle = tiny_random_model(seed=seed, tokenizer=bundled.tokenizer)
+    else:
+        handle = load_model(model_id, dtype=spec.model.dtype, device=device)
+    # every prompt this handle renders passes the run's template variables (Qwen3's thinking switch)
+    set_chat_options(handle.tokenizer, enable_thinking=spec.model.enable_thinking)
+    return handle
 
 
 def load_models(spec: Spec, roles: RoleDevices) -> Models:
@@ -194,6 +210,18 @@ def load_models(spec: Spec, roles: RoleDevices) -> Models:
         weights = spec.teacher.weights if spec.train.steps > 0 else "live"
         return Models(student, self_teacher(weights, student, mix=spec.teacher.trust_region_mix))
     return Models(student, _load(spec.model.teacher, spec, device))
+
+
+def load_reference_model(spec: Spec, models: Models, model_id: str) -> torch.nn.Module:
+    """A named frozen reference model (ExOPD's `train.exopd_reference`) on the student's device;
+    it must share the student's tokenizer, since it scores the student's token ids."""
+    handle = _load(model_id, spec, str(models.student.device))
+    if handle.tokenizer is not None and models.student.tokenizer is not None and \
+            handle.tokenizer.get_vocab() != models.student.tokenizer.get_vocab():
+        raise ValueError(f"train.exopd_reference = {model_id!r} has another vocabulary than model.student = "
+                         f"{spec.model.student!r}; the reference scores the student's tokens, so it needs the "
+                         "student's tokenizer")
+    return handle.model.eval()
 
 
 def check_parity(spec: Spec, models: Models, problems: list[Problem]) -> None:
@@ -401,7 +429,8 @@ def collect_step(spec: Spec, models: Models, problems: list[Problem], step: int,
     # 1. rollout: N samples per problem from the student.
     prompts = [render_prompt(tok, contexts.student_messages(p, ro.system_prompt)) for p in problems]
     t0 = time.monotonic()
-    generations = sample_student(spec, models, prompts, seed=step_seed(seed, step, 0), prefixes=prefixes)
+    with models.behaviour_weights(step):  # rollout.policy_lag: the weights of step max(0, step - k)
+        generations = sample_student(spec, models, prompts, seed=step_seed(seed, step, 0), prefixes=prefixes)
     rollout_s = time.monotonic() - t0
     flat = [(p, i, g) for p, gens in zip(problems, generations) for i, g in enumerate(gens)]
     texts = [tok.decode(g.response_ids, skip_special_tokens=True) for _, _, g in flat]
@@ -492,9 +521,10 @@ def diagnostics_metrics(items: list[Item]) -> dict[str, float]:
     return out
 
 
-def segment_ids(tokenizer, ids: np.ndarray) -> np.ndarray:
-    """Sentence segment of each response token (NLTK-style, seed 002), as int32 [T]."""
-    segments = sentence_segments([tokenizer.decode([int(t)]) for t in ids])
+def segment_ids(tokenizer, ids: np.ndarray, newlines: bool = True) -> np.ndarray:
+    """Sentence segment of each response token (NLTK-style, seed 002), as int32 [T];
+    `newlines`: also break after newline runs (`mask.segment_newlines`)."""
+    segments = sentence_segments([tokenizer.decode([int(t)]) for t in ids], newlines)
     out = np.zeros(len(ids), dtype=np.int32)
     for number, positions in enumerate(segments):
         out[positions] = number
@@ -502,7 +532,8 @@ def segment_ids(tokenizer, ids: np.ndarray) -> np.ndarray:
 
 
 def write_items(writer, items: list[Item], seed: int, step: int, tokenizer=None,
-                masks: dict[int, np.ndarray] | None = None, teacher_topk: bool = True) -> None:
+                masks: dict[int, np.ndarray] | None = None, teacher_topk: bool = True,
+                segment_newlines: bool = True) -> None:
     """Stage 5: one shard row per item; `masks[i]` (supervision weights) joins item i's tokens."""
     for index, item in enumerate(items):
         tokens = item.tokens(teacher_topk)
@@ -514,7 +545,7 @@ def write_items(writer, items: list[Item], seed: int, step: int, tokenizer=None,
             row["prompt_text"] = tokenizer.decode(prompt)
             row["teacher_prompt_text"] = tokenizer.decode(item.teacher_seq[0])
             if item.kind == "original" and len(tokens["ids"]):
-                tokens["segment_id"] = segment_ids(tokenizer, tokens["ids"])
+                tokens["segment_id"] = segment_ids(tokenizer, tokens["ids"], segment_newlines)
         writer.append(row, tokens)
 
 
@@ -532,7 +563,12 @@ def load_problems(spec: Spec) -> list[Problem]:
                               num_problems=spec.task.num_problems, seed=0)
 
 
-def load_eval_problems(spec: Spec, train_problems: list[Problem]) -> list[Problem]:
+def load_eval_problems(spec: Spec, train_problems: list[Problem]) -> list[Problem] | dict[str, list[Problem]]:
+    """The single eval set, or {benchmark name: problems} with eval.benchmarks (seed 002)."""
+    if spec.eval.benchmarks:
+        from hpcdistill.train.benchmarks import load_benchmarks
+
+        return load_benchmarks(spec)
     if spec.eval.split is None:
         return train_problems[:spec.eval.num_problems or len(train_problems)]
     task = get_task(spec.task.name)
@@ -559,7 +595,7 @@ def run_pipeline(spec: Spec, paths: RunPaths, roles: RoleDevices) -> dict[str, A
                         token_columns=shard_columns(spec)) as writer:
         items, metrics = collect_step(spec, models, problems, 0)
         write_items(writer, items, spec.seeds[0], 0, models.student.tokenizer,
-                    teacher_topk=spec.scoring.teacher_topk)
+                    teacher_topk=spec.scoring.teacher_topk, segment_newlines=spec.mask.segment_newlines)
         writer.add_metrics(0, metrics)
     log.info("step 0: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return {"steps_done": 1, "metrics": metrics}

@@ -5,14 +5,19 @@
     1. optimize  GEPA (the `gepa` package: evolutionary Pareto search with LLM reflection) evolves
                  the teacher system prompt; a candidate's score is the CURRENT student's mean reward
                  on the validation split WITH that system prompt ("direct score").
-    2. distill   the best `loop.top_k_prompts` prompts each drive a context-distillation run per seed:
-                 one generated spec per round (`distill.toml`: the user's spec with the round's
-                 student, teacher.context = "system_prompt", train.save_model = true and a grid over
-                 teacher.system_prompt), submitted through `hpcdistill.launch.submit.submit`.
-    3. evaluate  every distilled student on the same validation problems WITHOUT the teacher context
-                 (the student's own prompt), with the same sampling seeds as step 1.
-    4. choose    the prompt whose distilled students score best; its best run's saved model is the
-                 next round's student.
+    2. distill   the prompts `loop.distill_selection` picks each drive a context-distillation run per
+                 seed: "pareto" (default, seed 6.3.1: "for each Pareto front program") every program
+                 on GEPA's per-validation-instance Pareto front (its non-dominated set, as GEPA's own
+                 candidate selection computes it), capped by `loop.max_distill_prompts`; "top_k" the
+                 `loop.top_k_prompts` best by direct score. One generated spec per round
+                 (`distill.toml`: the user's spec with the round's student, teacher.context =
+                 "system_prompt", train.save_model = true and a grid over teacher.system_prompt),
+                 submitted through `hpcdistill.launch.submit.submit`.
+    3. evaluate  every distilled student, and the round's student, WITHOUT the teacher context (the
+                 student's own prompt) on the HELD-OUT problems (`loop.heldout_*`, seed 6.3.3: "500
+                 held-out examples"), disjoint from the validation problems GEPA selected on.
+    4. choose    the prompt whose distilled students score best on the held-out problems; its best
+                 run's saved model is the next round's student.
 
 Everything is recorded in `<output_dir>/<name>/<loop.record_file>` (written atomically after every
 stage). Caches never cross runs (seed 004 sec. 5.3: "DSPy disk cache corrupts cross-run
@@ -368,13 +373,22 @@ def optimize_prompts(spec: Spec, scorer: Scorer, lm, train_problems: list, val_p
             "parents": [p for p in result.parents[index] if p is not None],
             "discovered_at_metric_call": int(result.discovery_eval_counts[index]),
         })
+    # the Pareto front over the distillable prompts (GEPA's own per-instance front is recorded too:
+    # a tiny reflection model can write an empty prompt that GEPA keeps)
+    front = set(pareto_front([dict(s) for s in result.val_subscores], [c["direct_score"] for c in candidates],
+                             distillable(candidates)))
+    gepa_front = sorted({p for best in result.per_val_instance_best_candidates.values() for p in best})
+    for c in candidates:
+        c["pareto_front"] = c["index"] in front
+        c["gepa_instance_best"] = c["index"] in gepa_front
     return {"candidates": candidates, "metric_calls": scorer.calls - calls_before,
             "reflection_calls": getattr(lm, "calls", None), "seconds": round(time.monotonic() - t0, 3),
             "run_dir": str(run_dir)}
 
 
-def top_k_prompts(candidates: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
-    """The k best distinct, non-empty prompts by direct score (ties: the earlier candidate)."""
+def top_k_prompts(candidates: list[dict[str, Any]], k: int | None) -> list[dict[str, Any]]:
+    """The k best distinct, non-empty prompts by direct score (ties: the earlier candidate);
+    k = None: all of them."""
     ranked = sorted(candidates, key=lambda c: (-c["direct_score"], c["index"]))
     chosen, seen = [], set()
     for c in ranked:
@@ -385,6 +399,66 @@ def top_k_prompts(candidates: list[dict[str, Any]], k: int) -> list[dict[str, An
         if len(chosen) == k:
             break
     return chosen
+
+
+def pareto_front(val_scores: list, scores: list[float], eligible: set[int] | None = None) -> list[int]:
+    """GEPA's Pareto-front programs among `eligible` (default: all): per validation instance the
+    programs with the best score there (what `GEPAResult.per_val_instance_best_candidates` holds
+    when every program is eligible), reduced to the non-dominated set (a program is dropped when
+    every instance it is best on has another front program too) as GEPA's own Pareto candidate
+    selection reduces them (`gepa.gepa_utils.find_dominator_programs`). val_scores[p]: program p's
+    score per instance (a list, or GEPA's `val_subscores[p]` dict by instance id: an instance only
+    counts the programs scored on it); scores[p]: its aggregate. Sorted program indices."""
+    from gepa.gepa_utils import find_dominator_programs
+
+    programs = sorted(range(len(val_scores)) if eligible is None else eligible)
+    subs = [s if isinstance(s, dict) else dict(enumerate(s)) for s in val_scores]
+    fronts = {}
+    for key in sorted({k for p in programs for k in subs[p]}, key=str):
+        scored = [p for p in programs if key in subs[p]]
+        best = max(subs[p][key] for p in scored)
+        fronts[key] = {p for p in scored if subs[p][key] == best}
+    if not fronts:
+        return []
+    return sorted(find_dominator_programs(fronts, list(scores)))
+
+
+def distillable(candidates: list[dict[str, Any]]) -> set[int]:
+    """Candidates a round can distil: a non-empty prompt, the first of any identical texts (an
+    empty teacher prompt is the student's own context: nothing to distil)."""
+    seen, out = set(), set()
+    for c in sorted(candidates, key=lambda c: c["index"]):
+        text = c["prompt"].strip()
+        if text and text not in seen:
+            seen.add(text)
+            out.add(c["index"])
+    return out
+
+
+def distill_prompts(candidates: list[dict[str, Any]], loop) -> list[dict[str, Any]]:
+    """The candidates the round distils (`loop.distill_selection`): the Pareto-front programs
+    (capped at `loop.max_distill_prompts`, best direct score first), or the top-k by direct score."""
+    if loop.distill_selection == "top_k":
+        return top_k_prompts(candidates, loop.top_k_prompts)
+    return top_k_prompts([c for c in candidates if c.get("pareto_front")], loop.max_distill_prompts)
+
+
+def heldout_problems(task, spec: Spec, val_problems: list) -> list:
+    """`loop.heldout_num_problems` problems of `loop.heldout_split` (generated with
+    `loop.heldout_seed`) that share neither an id nor a prompt with the validation problems GEPA
+    selects on, so the distilled students are scored on problems no selection has seen."""
+    lp = spec.loop
+    val_ids, val_prompts = {p.problem_id for p in val_problems}, {p.prompt for p in val_problems}
+    pool = task.load_problems(source=spec.task.source, split=lp.heldout_split,
+                              num_problems=lp.heldout_num_problems + len(val_problems), seed=lp.heldout_seed)
+    kept = [p for p in pool if p.problem_id not in val_ids and p.prompt not in val_prompts]
+    if not kept:
+        raise LaunchError(f"loop.heldout_split = {lp.heldout_split!r} (seed {lp.heldout_seed}) has no problem "
+                          f"outside loop.val_split's {len(val_problems)}; choose another split or seed")
+    if len(kept) < lp.heldout_num_problems:
+        log.warning("loop held-out set: %d problems (asked for %d) after dropping those in the validation set",
+                    len(kept), lp.heldout_num_problems)
+    return kept[:lp.heldout_num_problems]
 
 
 # ---------------------------------------------------------------------------- distillation
@@ -403,6 +477,8 @@ def distill_spec_data(loaded: LoadedSpec, round_dir: Path, student: str, prompts
     teacher = data.setdefault("teacher", {})
     teacher["context"] = "system_prompt"
     teacher.pop("system_prompt", None)
+    if data["model"].get("teacher", "same") in ("same", student):  # seed 004 sec. 4.3: a frozen
+        teacher.setdefault("weights", "initial")                   # teacher server, unless set
     data.setdefault("train", {})["save_model"] = True
     data["sweep"] = {"grid": {"teacher.system_prompt": list(prompts)}}
     return data
@@ -442,9 +518,12 @@ def _device(spec: Spec) -> str:
 
 
 def _load_student(spec: Spec, student: str):
+    from hpcdistill.models.chat import set_chat_options
     from hpcdistill.models.loading import load_model
 
-    return load_model(student, dtype=spec.model.dtype, device=_device(spec))
+    handle = load_model(student, dtype=spec.model.dtype, device=_device(spec))
+    set_chat_options(handle.tokenizer, enable_thinking=spec.model.enable_thinking)  # as the runs render
+    return handle
 
 
 # ---------------------------------------------------------------------------- one round
@@ -452,7 +531,7 @@ def _load_student(spec: Spec, student: str):
 
 def run_round(loaded: LoadedSpec, record: LoopRecord, loop_dir: Path, round_index: int, student: str,
               student_sha256: str | None, seed_prompt: str, train_problems: list, val_problems: list,
-              executor: str | None) -> dict[str, Any]:
+              executor: str | None, heldout: list | None = None) -> dict[str, Any]:
     from hpcdistill.launch.submit import run_state, submit
 
     spec, lp = loaded.spec, loaded.spec.loop
@@ -475,6 +554,9 @@ def run_round(loaded: LoadedSpec, record: LoopRecord, loop_dir: Path, round_inde
     scorer = Scorer(spec, handle, seed, round_index)
     base_scores, _ = scorer.score(val_problems, spec.rollout.system_prompt)
     entry["student_score"] = float(np.mean(base_scores))  # the current student, no teacher context
+    heldout = val_problems if heldout is None else heldout
+    student_heldout, _ = scorer.score(heldout, spec.rollout.system_prompt)
+    entry["student_heldout_score"] = float(np.mean(student_heldout))  # what distilled students must beat
     lm = reflection_lm(spec, handle, _int_seed(seed, round_index))
     search = optimize_prompts(spec, scorer, lm, train_problems, val_problems, round_dir / "gepa",
                               seed_prompt, seed=_int_seed(seed, round_index, "gepa"))
@@ -482,14 +564,16 @@ def run_round(loaded: LoadedSpec, record: LoopRecord, loop_dir: Path, round_inde
     _free(handle)
     entry["gepa"] = {k: v for k, v in search.items() if k != "candidates"}
     entry["candidates"] = search["candidates"]
-    top = top_k_prompts(search["candidates"], lp.top_k_prompts)
+    top = distill_prompts(search["candidates"], lp)
     if not top:
-        raise LaunchError(f"round {round_index}: GEPA produced no non-empty prompt")
-    entry["top_k"] = [c["index"] for c in top]
+        raise LaunchError(f"round {round_index}: GEPA produced no non-empty prompt"
+                          + (" on its Pareto front" if lp.distill_selection == "pareto" else ""))
+    entry["distill_selection"] = lp.distill_selection
+    entry["top_k"] = [c["index"] for c in top]  # the distilled candidates (the name predates "pareto")
     entry["state"] = "optimized"
     record.put(entry)
-    log.info("round %d: %d candidate prompt(s); distilling the top %d (direct scores %s)", round_index,
-             len(search["candidates"]), len(top), [round(c["direct_score"], 4) for c in top])
+    log.info("round %d: %d candidate prompt(s); distilling %d (%s; direct scores %s)", round_index,
+             len(search["candidates"]), len(top), lp.distill_selection, [round(c["direct_score"], 4) for c in top])
 
     # 2. distill: one sweep, a grid over the top-k prompts (x the spec's seeds).
     sweep_dir = SweepPaths.for_spec(round_dir, DISTILL_NAME).root
@@ -521,13 +605,14 @@ def run_round(loaded: LoadedSpec, record: LoopRecord, loop_dir: Path, round_inde
     entry["state"] = "distilled"
     record.put(entry)
 
-    # 3. evaluate the distilled students WITHOUT the teacher context, on the same problems and seeds.
+    # 3. evaluate the distilled students WITHOUT the teacher context, on the held-out problems with
+    #    the seeds the round's student was scored with there (a paired comparison).
     for item in distilled:
         handle = _load_student(spec, item["model_dir"])
-        scores, _ = Scorer(spec, handle, seed, round_index).score(val_problems, spec.rollout.system_prompt)
+        scores, _ = Scorer(spec, handle, seed, round_index).score(heldout, spec.rollout.system_prompt)
         _free(handle)
         item["distilled_score"] = float(np.mean(scores))
-        item["val_scores"] = scores
+        item["heldout_scores"] = scores
     entry["distilled"] = distilled
 
     # 4. choose: the prompt with the best mean distilled score; its best run is the next student.
@@ -538,7 +623,7 @@ def run_round(loaded: LoadedSpec, record: LoopRecord, loop_dir: Path, round_inde
                                    -c["index"]))
     best_run = max((d for d in distilled if d["candidate"] == best["index"]),
                    key=lambda d: (d["distilled_score"], -d["seed"]))
-    keep = lp.keep_student_if_worse and best_run["distilled_score"] < entry["student_score"]
+    keep = lp.keep_student_if_worse and best_run["distilled_score"] < entry["student_heldout_score"]
     entry["chosen"] = {"candidate": best["index"], "prompt": best["prompt"], "direct_score": best["direct_score"],
                        "distilled_score": entry["candidates"][best["index"]]["distilled_score"],
                        "run_id": best_run["run_id"], "kept_previous_student": keep}
@@ -575,8 +660,10 @@ def run_loop(loaded: LoadedSpec, *, executor: str | None = None) -> Path:
     overlap = {p.problem_id for p in train_problems} & {p.problem_id for p in val_problems}
     if overlap:
         log.warning("%d problem(s) are in both loop.train_split and loop.val_split", len(overlap))
+    heldout = heldout_problems(task, spec, val_problems)
     record.data.update(val_problem_ids=[p.problem_id for p in val_problems],
-                       train_problem_ids=[p.problem_id for p in train_problems])
+                       train_problem_ids=[p.problem_id for p in train_problems],
+                       heldout_problem_ids=[p.problem_id for p in heldout])
     record.save()
 
     student, student_sha256 = spec.model.student, None
@@ -592,7 +679,7 @@ def run_loop(loaded: LoadedSpec, *, executor: str | None = None) -> Path:
                                   "since it was recorded; refusing to continue from it")
         else:
             entry = run_round(loaded, record, loop_dir, round_index, student, student_sha256, prompt,
-                              train_problems, val_problems, executor)
+                              train_problems, val_problems, executor, heldout)
         student, student_sha256, prompt = entry["next_student"], entry["next_student_sha256"], entry["chosen_prompt"]
     record.data["final_student"] = student
     record.data["final_prompt"] = prompt
@@ -601,4 +688,5 @@ def run_loop(loaded: LoadedSpec, *, executor: str | None = None) -> Path:
 
 
 __all__ = ["run_loop", "check_loop_spec", "PromptAdapter", "Scorer", "LocalReflectionLM",
-           "OpenAIReflectionLM", "top_k_prompts", "distill_spec_data", "round_key", "assert_fresh"]
+           "OpenAIReflectionLM", "top_k_prompts", "pareto_front", "distillable", "distill_prompts", "heldout_problems",
+           "distill_spec_data", "round_key", "assert_fresh"]

@@ -18,6 +18,7 @@ after step k. A task killed between the two redoes step k on resume; sampling is
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -44,6 +45,8 @@ from hpcdistill.record import ShardWriter
 from hpcdistill.spec.schema import Spec
 from hpcdistill.tasks import Problem
 from hpcdistill.train.distributed import Trainer, TrainerConfig, build_trainer, checkpoint_file
+from hpcdistill.train.fixed_set import FixedSet
+from hpcdistill.train.policy_lag import LAG_FILE, behaviour_version, make_policy_lag
 from hpcdistill.train.loop import (Item, Models, check_parity, collect_step, collect_teacher_completions,
                                    load_eval_problems, load_models, load_problems, shard_attrs, shard_columns,
                                    step_seed, rollout_engine, sample_student, serve_student_weights,
@@ -88,7 +91,8 @@ def supervision_masks(spec: Spec, items: list[Item], tokenizer, step: int) -> li
     segments = advantages = teacher_lp = None
     if spec.mask.kind in SCORED_KINDS:
         ids = [it.student_seq[1][:n] for it, n in zip(items, lengths)]
-        segments = [sentence_segments([tokenizer.decode([t]) for t in seq]) for seq in ids]
+        segments = [sentence_segments([tokenizer.decode([t]) for t in seq], spec.mask.segment_newlines)
+                    for seq in ids]
         teacher_lp = [it.scores.teacher_at_student_topk_lp for it in items]
         advantages = [it.scores.teacher_lp - it.scores.student_lp for it in items]
     return spec_masks(spec.mask, spec.scoring.top_k, spec.seeds[0], step, lengths, segments=segments,
@@ -149,17 +153,40 @@ def distill_inputs(config: LossConfig, models: Models, items: list[Item], weight
 
 
 def initial_reference(spec: Spec, models: Models) -> torch.nn.Module | None:
-    """The frozen initial student that kl_anchored anchors to (seed 003, finding 4); shared with
-    an `initial` self-teacher, which holds the same weights."""
-    if spec.train.method != "kl_anchored":
+    """The frozen reference model of the run, or None: the initial student that kl_anchored anchors
+    to (seed 003, finding 4) and that ExOPD extrapolates from (`train.exopd_reference = "initial"`),
+    shared with an `initial` self-teacher, which holds the same weights; or the model ExOPD names."""
+    train = spec.train
+    exopd = train.objective == "exopd"
+    if train.method != "kl_anchored" and not exopd:
         return None
+    if exopd and train.exopd_reference != "initial":
+        from hpcdistill.train.loop import load_reference_model
+
+        return load_reference_model(spec, models, train.exopd_reference)
     if spec.teacher.weights == "initial" and models.teacher is not models.student:
         return models.teacher.model
     return copy.deepcopy(models.student.model).eval()
 
 
-def objective_loss(spec: Spec, models: Models, items: list[Item], weights: list[np.ndarray]
-                   ) -> tuple[torch.Tensor, dict[str, float]]:
+def reference_logprobs(models: Models, reference: torch.nn.Module, items: list[Item],
+                       chunk_size: int) -> torch.Tensor:
+    """log p_ref(y_t) [N] of each item's sampled response tokens under the frozen reference, on the
+    student's own prompt; projected `chunk_size` positions at a time (no [N, V] tensor)."""
+    lengths = [len(it.scores.student_lp) for it in items]
+    device = models.student.device
+    y = _cat([np.asarray(it.student_seq[1][:n]) for it, n in zip(items, lengths)], device, torch.long)
+    with torch.no_grad():
+        hidden = response_hidden(models.student, [it.student_seq for it in items], lengths, model=reference)
+        parts = []
+        for start in range(0, len(y), chunk_size):
+            logits = _project(reference, hidden[start:start + chunk_size]).float()  # [C, V]
+            parts.append(logits.gather(-1, y[start:start + chunk_size, None])[:, 0] - torch.logsumexp(logits, -1))
+    return torch.cat(parts) if parts else torch.zeros(0, device=device)
+
+
+def objective_loss(spec: Spec, models: Models, items: list[Item], weights: list[np.ndarray],
+                   reference: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Stage 7: the loss of `train.objective` over the batch (one graph for the whole batch).
 
     objective = "distill" also leaves each item's per-token loss terms in `item.train_loss`
@@ -182,17 +209,26 @@ def objective_loss(spec: Spec, models: Models, items: list[Item], weights: list[
     teacher_lp = torch.as_tensor(np.concatenate([it.scores.teacher_lp for it in items]), device=device)
     sampler_lp = torch.as_tensor(np.concatenate(
         [it.generation.sampler_lp[:len(it.scores.student_lp)] for it in items]), device=device)
-    if name == "exopd":
+    if name == "exopd":  # G-OPD's reward extrapolation needs its reference (seed 002's ExOPD baseline)
+        if reference is None:
+            raise ValueError("objective 'exopd' needs its reference model (train.steps.initial_reference)")
+        reference_lp = reference_logprobs(models, reference, items, spec.scoring.chunk_size)
         return _metrics(*objectives.exopd_advantage_loss(student_lp, teacher_lp, w, alpha=train.exopd_alpha,
-                                                         sampler_lp=sampler_lp))
+                                                         reference_lp=reference_lp, sampler_lp=sampler_lp))
     if name == "context_distill":
         seq_index = torch.as_tensor(np.concatenate(
             [np.full(len(it.scores.student_lp), i) for i, it in enumerate(items)]), device=device)
         problem_ids = sorted({it.problem.problem_id for it in items})
         group_index = torch.as_tensor([problem_ids.index(it.problem.problem_id) for it in items], device=device)
         reward = torch.as_tensor([it.verdict.reward for it in items], dtype=torch.float32, device=device)
+        # Seed 004 sec. 4.2: ratio = pi_theta(y | T) / pi_behaviour(y | T), T = rollout.temperature:
+        # the trainer's log-probs recomputed from logits / T (also the gradient's log-probs), against
+        # the sampler's log-probs at T (inference_lp, which also feeds the reward).
+        temperature = spec.rollout.temperature
+        policy_lp = (student_lp if temperature in (0.0, 1.0) else  # T = 1: the same numbers, no 2nd [N, V]
+                     objectives.logprobs_at_temperature(student_logits, ids, temperature))
         return _metrics(*objectives.context_distill_loss(
-            student_lp, sampler_lp, teacher_lp, reward, seq_index, group_index,
+            policy_lp, sampler_lp, teacher_lp, reward, seq_index, group_index,
             adv_tau=train.adv_tau, teacher_tau=train.teacher_tau, student_tau=train.student_tau,
             use_full_reward_baseline=train.use_full_reward_baseline,
             token_mask_low=train.token_mask_low, token_mask_high=train.token_mask_high, weights=w))
@@ -213,7 +249,7 @@ def off_policy_loss(spec: Spec, models: Models, items: list[Item], reference: to
     lengths = [len(it.student_seq[1]) for it in items]
     weights = torch.ones(sum(lengths), device=device)
     if spec.train.off_policy_loss == "divergence":
-        loss, named = objective_loss(spec, models, items, [np.ones(n, np.float32) for n in lengths])
+        loss, named = objective_loss(spec, models, items, [np.ones(n, np.float32) for n in lengths], reference)
         metrics = {k.replace("train/", "train/off_", 1): v for k, v in named.items()}
         logits = None
     else:
@@ -260,7 +296,8 @@ def update(spec: Spec, models: Models, trainer: Trainer, items: list[Item], weig
         loss = torch.zeros((), device=models.student.device)
         metrics: dict[str, float] = {}
         if on:
-            on_loss, named = objective_loss(spec, models, [items[i] for i in on_mine], [weights[i] for i in on_mine])
+            on_loss, named = objective_loss(spec, models, [items[i] for i in on_mine], [weights[i] for i in on_mine],
+                                            reference)
             loss = loss + step_plan.on_policy_weight * on_share * on_loss
             metrics |= trainer.reduce_metrics(named, on_share)
         if off:
@@ -296,8 +333,14 @@ def _gather_train_loss(trainer: Trainer, items: list[Item]) -> None:
 # ---------------------------------------------------------------------------- eval
 
 
-def evaluate(spec: Spec, models: Models, problems: list[Problem], step: int) -> dict[str, float]:
-    """Stage 8: accuracy of the student alone (no teacher context) at each eval temperature."""
+def evaluate(spec: Spec, models: Models, problems: list[Problem] | dict[str, list[Problem]],
+             step: int) -> dict[str, float]:
+    """Stage 8: accuracy of the student alone (no teacher context) at each eval temperature;
+    with eval.benchmarks, `problems` is {benchmark: problems} (hpcdistill.train.benchmarks)."""
+    if spec.eval.benchmarks:
+        from hpcdistill.train.benchmarks import evaluate_benchmarks
+
+        return evaluate_benchmarks(spec, models, problems, step)
     from hpcdistill.distill import contexts
     from hpcdistill.models.chat import render_prompt
     from hpcdistill.tasks import get_task
@@ -324,12 +367,30 @@ def eval_due(spec: Spec, step: int) -> bool:
 
 
 def step_problems(spec: Spec, problems: list[Problem], step: int) -> list[Problem]:
-    """The problems of one step: all, or `train.problems_per_step` drawn without replacement."""
+    """The problems of one step: all, or `train.problems_per_step` drawn without replacement;
+    `train.measure_problems = "step0"`: the last (measurement) step draws step 0's problems again."""
+    if step == spec.train.steps and spec.train.measure_problems == "step0":
+        step = 0
+    return [problems[i] for i in _step_indices(spec, len(problems), step)]
+
+
+def _step_indices(spec: Spec, num_problems: int, step: int) -> list[int]:
     count = spec.train.problems_per_step
-    if count is None or count >= len(problems):
-        return problems
+    if count is None or count >= num_problems:
+        return list(range(num_problems))
     rng = np.random.default_rng(step_seed(spec.seeds[0], step, 7))
-    return [problems[i] for i in sorted(rng.choice(len(problems), size=count, replace=False))]
+    return sorted(int(i) for i in rng.choice(num_problems, size=count, replace=False))
+
+
+def replay_problems(spec: Spec, problems: list[Problem], step: int) -> list[Problem]:
+    """replay_buffer's injection at `step` (seed 003): a seeded sample, without replacement, of the
+    problems the student trained on before this step (this step's own at step 0), enough for
+    `train.replay_size` teacher sequences at rollout.samples_per_problem each."""
+    seen = sorted({i for s in range(step) for i in _step_indices(spec, len(problems), s)}) or \
+        _step_indices(spec, len(problems), step)
+    count = min(len(seen), -(-spec.train.replay_size // spec.rollout.samples_per_problem))
+    rng = np.random.default_rng(step_seed(spec.seeds[0], step, 4))
+    return [problems[seen[i]] for i in sorted(rng.choice(len(seen), size=count, replace=False))]
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -349,17 +410,22 @@ def run_training(spec: Spec, paths: RunPaths, roles: RoleDevices) -> dict[str, A
     trainer = build_trainer(TrainerConfig.from_spec(spec), models.student.model)
     models.student.model = trainer.model  # the teacher "same" is the same handle: it follows
     models.trainer = trainer
+    models.policy_lag = make_policy_lag(spec)  # rollout.policy_lag: the stale weights rollouts sample with
     last_done = trainer.load(paths.checkpoint)
     if last_done >= 0:
         log.info("resuming after step %d from %s", last_done, paths.checkpoint)
         load_teacher_state(spec, paths, models)
+        if models.policy_lag is not None:
+            models.policy_lag.load(checkpoint_file(paths.checkpoint, LAG_FILE), paths.checkpoint, last_done)
     if trainer.is_main:
         paths.shards.mkdir(parents=True, exist_ok=True)
+    fixed = FixedSet(paths, problems) if spec.scoring.rescore_step0 else None  # seed 000 exp. 3
     with rollout_engine(spec, models, paths):
         if last_done >= 0:  # the engine starts on the initial weights: serve the resumed ones
             sync_rollout_weights(spec, paths, models, last_done + 1)
         for step in range(last_done + 1, spec.train.steps + 1):
-            metrics = train_step(spec, paths, models, problems, eval_problems, reference, initial_checksum, step)
+            metrics = train_step(spec, paths, models, problems, eval_problems, reference, initial_checksum, step,
+                                 fixed=fixed)
             log.info("step %d/%d: %s", step, spec.train.steps, ", ".join(
                 f"{k}={v:.4g}" for k, v in metrics.items() if not k.endswith("seconds")))
     if spec.train.save_model:
@@ -369,33 +435,44 @@ def run_training(spec: Spec, paths: RunPaths, roles: RoleDevices) -> dict[str, A
 
 def train_step(spec: Spec, paths: RunPaths, models: Models, problems: list[Problem],
                eval_problems: list[Problem], reference: torch.nn.Module | None, initial_checksum: str,
-               step: int) -> dict[str, float]:
-    """One step: collect at w_step, mask, update to w_{step+1}, record; then checkpoint and sync."""
+               step: int, fixed: FixedSet | None = None) -> dict[str, float]:
+    """One step: collect at w_step, mask, update to w_{step+1}, record; then checkpoint and sync.
+    `fixed`: step 0's rollouts, re-scored at w_step and recorded too (`scoring.rescore_step0`)."""
     trainer = models.trainer
     seed, steps = spec.seeds[0], spec.train.steps
     t0 = time.monotonic()
     step_plan = schedules.plan(spec.train, step)
+    if models.policy_lag is not None:  # keep w_step: steps step .. step + k sample with it
+        models.policy_lag.record(step, models.student.model)
     batch = step_problems(spec, problems, step)
     batch, teacher_sampled = split_on_policy(spec, batch, step)
     prefixes = (teacher_prefixes(spec, models, batch, step, step_plan.seed_tokens)
                 if step_plan.seed_tokens > 0 and step < steps else None)
     items, metrics = collect_step(spec, models, batch, step, prefixes=prefixes) if batch else ([], {})
+    if spec.rollout.policy_lag > 0 and items:  # the weights the rollouts were sampled with
+        behaviour = items[0].weight_version if items[0].weight_version is not None else step
+        metrics |= {"train/policy_lag": float(step - behaviour), "train/behaviour_version": float(behaviour)}
+    fixed_items, fixed_metrics = fixed.measure(spec, models, items, step) if fixed is not None else ([], {})
+    metrics |= fixed_metrics
     off_items: list[Item] = []
     if teacher_sampled:  # GKD's lambda < 1: these problems are the teacher's samples this step
         off_items, off_metrics = collect_teacher_completions(spec, models, teacher_sampled, step, seed_stream=5)
         metrics |= off_metrics
         step_plan = token_share_plan(items, off_items)
     elif step_plan.needs_teacher_completions and step < steps:
-        # replay_buffer replays one stored batch (the step-0 draw of stream 4, regenerated
-        # identically from its seed); the other methods take fresh teacher completions.
-        stored = spec.train.method == "replay_buffer"
-        off_items, off_metrics = collect_teacher_completions(
-            spec, models, problems if stored else batch, 0 if stored else step,
-            seed_stream=4 if stored else 3)
+        if spec.train.method == "replay_buffer":  # a bounded, seeded sample of past problems
+            off_items, off_metrics = collect_teacher_completions(
+                spec, models, replay_problems(spec, problems, step), step, seed_stream=4)
+            off_items = off_items[:spec.train.replay_size]
+            off_metrics |= {"replay_sequences": float(len(off_items)),
+                            "teacher_tokens": float(sum(len(it.student_seq[1]) for it in off_items))}
+        else:  # fresh teacher completions of this step's problems
+            off_items, off_metrics = collect_teacher_completions(spec, models, batch, step, seed_stream=3)
         metrics |= off_metrics
     if eval_due(spec, step):
         t_eval = time.monotonic()
-        metrics |= evaluate(spec, models, eval_problems, step)
+        with current_weights_served(spec, paths, models, step):  # eval measures w_step, never lagged
+            metrics |= evaluate(spec, models, eval_problems, step)
         metrics["eval_seconds"] = time.monotonic() - t_eval
     originals = [i for i, it in enumerate(items) if it.kind == "original"]
     weights = supervision_masks(spec, [items[i] for i in originals], models.student.tokenizer, step)
@@ -414,13 +491,15 @@ def train_step(spec: Spec, paths: RunPaths, models: Models, problems: list[Probl
                                                           "method": spec.train.method}
         with ShardWriter(paths.shard(step), attrs=attrs, top_k=spec.scoring.top_k,
                          token_columns=shard_columns(spec)) as writer:
-            write_items(writer, items + off_items, seed, step, models.student.tokenizer,
-                        masks=dict(zip(originals, weights)), teacher_topk=spec.scoring.teacher_topk)
+            write_items(writer, items + off_items + fixed_items, seed, step, models.student.tokenizer,
+                        masks=dict(zip(originals, weights)), teacher_topk=spec.scoring.teacher_topk,
+                        segment_newlines=spec.mask.segment_newlines)
             metrics["step_seconds"] = time.monotonic() - t0
             writer.add_metrics(step, metrics)
     if step < steps:
         if (step + 1) % spec.train.checkpoint_every == 0 or step == steps - 1:
-            trainer.save(paths.checkpoint, step, extra=teacher_state_files(spec, models))  # rank 0 publishes
+            trainer.save(paths.checkpoint, step, extra=teacher_state_files(spec, models) |
+                         policy_lag_files(models))  # rank 0 publishes
         sync_rollout_weights(spec, paths, models, step + 1)
     return metrics
 
@@ -475,18 +554,51 @@ def load_teacher_state(spec: Spec, paths: RunPaths, models: Models) -> None:
     teachers.load_ema(path, teacher)
 
 
-def sync_rollout_weights(spec: Spec, paths: RunPaths, models: Models, version: int) -> None:
-    """After an update: the rollout engine serves the new weights, as version `version`.
+def sync_rollout_weights(spec: Spec, paths: RunPaths, models: Models, version: int, lagged: bool = True) -> None:
+    """After an update: the rollout engine serves the weights step `version` samples with: the new
+    weights, or with rollout.policy_lag = k those of step max(0, version - k) (held by
+    `models.policy_lag`, swapped in while the served folder is written); `lagged=False`: the
+    current weights (version `version`) whatever the lag.
 
     Every rank calls (gathering sharded weights is collective); rank 0 owns the server."""
     if spec.rollout.backend != "vllm":
         return
-    directory = serve_student_weights(models, paths)
+    served = served_version(spec, version) if lagged else version
+    swap = (models.policy_lag.swapped(models.student.model, served) if served != version
+            else contextlib.nullcontext())
+    with swap:
+        directory = serve_student_weights(models, paths)
     server = models.rollout_server
     if server is None or directory is None:
         return
-    seconds = server.load_weights(directory, version)
-    log.info("rollout engine now serves weights version %d (%.1f s)", version, seconds)
+    seconds = server.load_weights(directory, served)
+    log.info("rollout engine now serves weights version %d for step %d (%.1f s)", served, version, seconds)
+
+
+def served_version(spec: Spec, step: int) -> int:
+    """The weight version the rollout engine serves while step `step` samples (rollout.policy_lag;
+    the last, measurement-only step samples with the final weights)."""
+    return behaviour_version(step, spec.rollout.policy_lag, spec.train.steps)
+
+
+@contextlib.contextmanager
+def current_weights_served(spec: Spec, paths: RunPaths, models: Models, step: int):
+    """Around step `step`'s eval: a vLLM server lagging behind (rollout.policy_lag) serves w_step
+    for the eval, then the lagged version again; the in-process sampler evaluates w_step anyway."""
+    lagging = spec.rollout.backend == "vllm" and served_version(spec, step) != step
+    if lagging:
+        sync_rollout_weights(spec, paths, models, step, lagged=False)
+    try:
+        yield
+    finally:
+        if lagging:
+            sync_rollout_weights(spec, paths, models, step)
+
+
+def policy_lag_files(models: Models) -> dict:
+    """What the checkpoint keeps of the lag history (rollout.policy_lag > 0): its held versions."""
+    lag = models.policy_lag
+    return {} if lag is None else {LAG_FILE: lag.save}
 
 
 def save_model(paths: RunPaths, models: Models) -> None:
