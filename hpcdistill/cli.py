@@ -64,7 +64,7 @@ def cmd_render(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from hpcdistill.launch.paths import SweepPaths
+    from hpcdistill.rundir import SweepPaths
     from hpcdistill.launch.submit import render_script, submit
     from hpcdistill.spec import expand
 
@@ -168,7 +168,7 @@ def cmd_replay(args) -> int:
     except ModelError as exc:
         log.warning("token text not shown: %s", exc)
         tokenizer = None
-    from hpcdistill.launch.paths import SweepPaths
+    from hpcdistill.rundir import SweepPaths
 
     out_dir = SweepPaths(sweep_dir).replay
     sections = [f"# Loss replay of `{sweep_dir.name}`\n"]
@@ -179,7 +179,7 @@ def cmd_replay(args) -> int:
         print(f"\n{len(result.unreplayed)} step(s) not replayed (their weights are gone); see the report")
     if result.skipped:
         sections.append("## Skipped shards\n\n" + "\n".join(f"- `{p}`: {r}" for p, r in result.skipped) + "\n")
-    report = out_dir / "report.md"
+    report = SweepPaths(sweep_dir).replay_report
     report.write_text("\n".join(sections), encoding="utf-8")
     print(f"report: {report}")
     return 0
@@ -189,16 +189,16 @@ def cmd_probe(args) -> int:
     """Lock/fork probing (seed 001): a probe run on this machine, then its report."""
     from hpcdistill.analysis.probe_run import run_probe
     from hpcdistill.analysis.probing import probe_report
-    from hpcdistill.launch.paths import SweepPaths
+    from hpcdistill.rundir import SweepPaths
 
     loaded = _load(args)
     spec = loaded.spec
     sweep = SweepPaths.for_spec(spec.experiment.output_dir, spec.experiment.name)
     sweep.root.mkdir(parents=True, exist_ok=True)
-    shard = run_probe(spec, sweep.root)
+    shard = run_probe(spec, sweep.probe_run.root)
     sections = probe_report([shard], sweep.analysis, print_tables=True)
     sweep.analysis.mkdir(parents=True, exist_ok=True)
-    report = sweep.analysis / "probe_report.md"
+    report = sweep.probe_report
     report.write_text("\n".join(sections), encoding="utf-8")
     print(f"probe shard: {shard}\nreport: {report}")
     return 0

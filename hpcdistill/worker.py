@@ -28,8 +28,9 @@ from pathlib import Path
 import submitit
 
 from hpcdistill.errors import UserError
-from hpcdistill.launch.gpus import RoleDevices, assign_roles
-from hpcdistill.launch.paths import RunPaths, read_json, write_json_atomic
+from hpcdistill.devices import RoleDevices
+from hpcdistill.launch.gpus import assign_roles
+from hpcdistill.rundir import RunPaths, read_json, write_json_atomic
 from hpcdistill.spec.load import load_spec
 
 log = logging.getLogger("hpcdistill.worker")
@@ -158,7 +159,7 @@ def _drop_resume_state(paths: RunPaths) -> None:
     the final model too when train.save_model asked for it."""
     import shutil
 
-    for leftover in (paths.checkpoint, paths.root / "rollout_weights"):
+    for leftover in paths.resume_state:
         shutil.rmtree(leftover, ignore_errors=True)
 
 

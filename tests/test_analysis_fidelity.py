@@ -17,7 +17,7 @@ import pytest
 from tinyspec import tiny_spec
 from hpcdistill.analysis import prefix_corruption as pc
 from hpcdistill.analysis import teachability, training
-from hpcdistill.launch.gpus import RoleDevices
+from hpcdistill.devices import RoleDevices
 from hpcdistill.launch.submit import submit
 from hpcdistill.record import ShardReader, ShardWriter
 from hpcdistill.spec import load_spec

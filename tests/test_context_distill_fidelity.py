@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from hpcdistill.errors import LaunchError, SpecError
-from hpcdistill.launch.gpus import RoleDevices
-from hpcdistill.launch.paths import RunPaths
+from hpcdistill.devices import RoleDevices
+from hpcdistill.rundir import RunPaths
 from hpcdistill.record import ShardReader
 from hpcdistill.spec import expand, load_spec
 from hpcdistill.spec.load import validate

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcdistill.launch.paths import read_json
+from hpcdistill.rundir import read_json
 from hpcdistill.launch.submit import submit
 from hpcdistill.record import ShardReader
 from hpcdistill.spec import load_spec

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hpcdistill.launch.paths import read_json
+from hpcdistill.rundir import read_json
 from hpcdistill.launch.submit import submit
 from hpcdistill.record import iter_shards
 from hpcdistill.spec import load_spec

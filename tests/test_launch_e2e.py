@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from hpcdistill.cli import main
-from hpcdistill.launch.paths import SweepPaths, read_json
+from hpcdistill.rundir import SweepPaths, read_json
 from hpcdistill.launch.submit import submit
 from hpcdistill.record import ShardReader
 from hpcdistill.spec import expand, load_spec

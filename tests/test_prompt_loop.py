@@ -342,7 +342,7 @@ def test_openai_reflection_model_posts_chat_completions_with_the_named_key(monke
 @pytest.mark.slow
 def test_small_loop_runs_two_rounds_end_to_end(tmp_path):
     from hpcdistill.analysis.context_distill import context_distill_report, loop_report
-    from hpcdistill.launch.paths import RunPaths
+    from hpcdistill.rundir import RunPaths
     from hpcdistill.record import iter_shards
     from hpcdistill.train.prompt_loop import model_checksum, run_loop
 

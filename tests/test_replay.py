@@ -9,7 +9,7 @@ import torch
 
 from hpcdistill.analysis.replay import BASELINE, parse_variants, read_batches, replay_sweep
 from hpcdistill.cli import main
-from hpcdistill.launch.paths import read_json
+from hpcdistill.rundir import read_json
 from hpcdistill.launch.submit import submit
 from hpcdistill.spec import load_spec
 from tinyspec import tiny_spec
@@ -61,7 +61,7 @@ def _true_grad_l1(batch, config_overrides: dict) -> np.ndarray:
     from types import SimpleNamespace
 
     from hpcdistill.distill.loss import LossConfig, distill_loss
-    from hpcdistill.launch.gpus import RoleDevices
+    from hpcdistill.devices import RoleDevices
     from hpcdistill.models.scoring import _project, response_hidden
     from hpcdistill.spec.load import set_dotted, validate
     from hpcdistill.train.loop import load_models

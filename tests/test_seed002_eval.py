@@ -15,7 +15,7 @@ import pytest
 
 from hpcdistill.analysis import training
 from hpcdistill.analysis.report import analyze_sweep
-from hpcdistill.launch.gpus import RoleDevices
+from hpcdistill.devices import RoleDevices
 from hpcdistill.launch.submit import submit
 from hpcdistill.models.chat import render_prompt, set_chat_options, single_turn
 from hpcdistill.models.loading import load_tokenizer

@@ -14,8 +14,8 @@ import torch
 
 from hpcdistill.analysis.cliff import RunCurve, run_cost
 from hpcdistill.distill.masks import spec_masks
-from hpcdistill.launch.gpus import RoleDevices
-from hpcdistill.launch.paths import read_json
+from hpcdistill.devices import RoleDevices
+from hpcdistill.rundir import read_json
 from hpcdistill.launch.submit import submit
 from hpcdistill.record import iter_shards
 from hpcdistill.spec import load_spec

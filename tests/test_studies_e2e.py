@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from hpcdistill.cli import main
-from hpcdistill.launch.paths import SweepPaths, read_json
+from hpcdistill.rundir import SweepPaths, read_json
 from hpcdistill.record import ShardReader, iter_shards
 
 REPO = Path(__file__).resolve().parents[1]

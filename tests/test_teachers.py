@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from hpcdistill.distill.contexts import teacher_contexts
-from hpcdistill.launch.gpus import RoleDevices
-from hpcdistill.launch.paths import RunPaths, read_json
+from hpcdistill.devices import RoleDevices
+from hpcdistill.rundir import RunPaths, read_json
 from hpcdistill.record import ShardReader
 from hpcdistill.spec.load import validate
 from hpcdistill.spec.schema import TeacherSpec

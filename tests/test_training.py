@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hpcdistill.distill.loss import DistillInputs, LossConfig, distill_loss
-from hpcdistill.launch.gpus import RoleDevices
+from hpcdistill.devices import RoleDevices
 from hpcdistill.models.scoring import _project, response_hidden, score_rollouts
 from hpcdistill.spec.load import validate
 from hpcdistill.train.loop import collect_step, load_models, load_problems
@@ -74,7 +74,7 @@ def test_lora_run_trains_only_the_adapter_and_saves_a_merged_model(tmp_path):
 
     from hpcdistill.launch.submit import submit
     from hpcdistill.spec import load_spec
-    from hpcdistill.launch.paths import read_json
+    from hpcdistill.rundir import read_json
 
     spec = tmp_path / "lora.toml"
     spec.write_text(f"""

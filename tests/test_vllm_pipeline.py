@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpcdistill.launch.paths import SweepPaths, read_json
+from hpcdistill.rundir import SweepPaths, read_json
 from hpcdistill.launch.submit import submit
 from hpcdistill.models.vllm_backend import resolve_vllm_python, vllm_importable
 from hpcdistill.record import ShardReader

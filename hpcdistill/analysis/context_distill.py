@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from hpcdistill.rundir import SweepPaths, read_manifest
 from hpcdistill.analysis.tables import format_table, markdown_table
 from hpcdistill.errors import LaunchError
 from hpcdistill.record import iter_shards
@@ -57,13 +58,13 @@ class RunMetrics:
 def arm_labels(sweep_dir: Path) -> tuple[dict[str, str], dict[str, int]]:
     """(run_id -> arm label, run_id -> seed) from the manifest. An arm is its sweep overrides as
     dotted leaves; one that sets nothing, or only values the base spec already has, is the baseline."""
-    manifest = sweep_dir / "manifest.json"
-    if not manifest.exists():
+    sweep = SweepPaths(sweep_dir)
+    runs = read_manifest(sweep).get("runs", {})
+    if not runs:
         return {}, {}
-    runs = json.loads(manifest.read_text()).get("runs", {})
     base: dict[str, Any] = {}
-    if (sweep_dir / "spec.toml").exists():
-        base = tomllib.loads((sweep_dir / "spec.toml").read_text())
+    if sweep.spec.exists():
+        base = tomllib.loads(sweep.spec.read_text())
         base.pop("sweep", None)
     labels, seeds = {}, {}
     for run_id, info in runs.items():

@@ -68,7 +68,7 @@ import hpcdistill
 from hpcdistill.analysis import probing
 from hpcdistill.distill.divergence import kl_from_logprobs, slice_kl
 from hpcdistill.errors import ModelError, SpecError, TaskError
-from hpcdistill.launch.paths import RunPaths
+from hpcdistill.rundir import RunPaths
 from hpcdistill.models.chat import render_prompt, set_chat_options, single_turn
 from hpcdistill.models.generation import generate
 from hpcdistill.models.loading import ModelHandle, load_model

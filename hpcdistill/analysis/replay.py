@@ -242,7 +242,7 @@ class Rescorer:
     def _load(self, spec: Spec):
         from dataclasses import replace
 
-        from hpcdistill.launch.gpus import RoleDevices
+        from hpcdistill.devices import RoleDevices
         from hpcdistill.train.loop import load_models
 
         key = (spec.model.student, spec.model.teacher, spec.model.dtype)

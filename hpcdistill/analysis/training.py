@@ -14,22 +14,19 @@ An arm is a run's sweep overrides without the seed (read from the sweep's manife
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from hpcdistill.rundir import SweepPaths, read_manifest
 from hpcdistill.analysis.prefix_corruption import NUM_DECILES, PrefixCorruption, mean_stderr
 
 
 def run_arms(sweep_dir: Path) -> dict[str, str]:
     """run_id -> arm label ("mask.kind=full, train.lr=1e-06"), from the sweep's manifest."""
-    manifest = sweep_dir / "manifest.json"
-    if not manifest.exists():
-        return {}
-    runs = json.loads(manifest.read_text()).get("runs", {})
+    runs = read_manifest(SweepPaths(sweep_dir)).get("runs", {})
     return {rid: ", ".join(f"{k}={v}" for k, v in sorted(r.get("overrides", {}).items())) or "(base)"
             for rid, r in runs.items()}
 

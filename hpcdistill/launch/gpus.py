@@ -8,28 +8,12 @@ allocation has is rejected before any model is loaded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping
 
+from hpcdistill.devices import ROLES, RoleDevices
 from hpcdistill.errors import LaunchError
 from hpcdistill.spec.schema import GpuSpec
 
-ROLES = ("rollout", "teacher", "trainer")
-
-
-@dataclass(frozen=True)
-class RoleDevices:
-    rollout: tuple[str, ...]
-    teacher: tuple[str, ...]
-    trainer: tuple[str, ...]
-
-    @property
-    def on_cpu(self) -> bool:
-        return not (self.rollout or self.teacher or self.trainer)
-
-    def env(self, role: str) -> dict[str, str]:
-        """Environment for a role's process: its own CUDA_VISIBLE_DEVICES."""
-        return {"CUDA_VISIBLE_DEVICES": ",".join(getattr(self, role))}
 
 
 def allocated_devices(environ: Mapping[str, str]) -> tuple[str, ...]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpcdistill.errors import LaunchError
-from hpcdistill.launch.paths import SweepPaths
+from hpcdistill.rundir import SweepPaths
 from hpcdistill.launch.submit import load_manifest, run_state
 
 FINISHED_SACCT = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
@@ -32,7 +32,7 @@ class RunStatus:
 def sweep_from_dir(path: str | Path) -> SweepPaths:
     sweep = SweepPaths(Path(path).absolute())
     if not sweep.manifest.exists():
-        raise LaunchError(f"{path}: not a sweep directory (no manifest.json); give the directory "
+        raise LaunchError(f"{path}: not a sweep directory (no {sweep.manifest.name}); give the directory "
                           "`submit` printed, <output_dir>/<experiment.name>")
     return sweep
 

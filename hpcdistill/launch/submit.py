@@ -22,7 +22,7 @@ import submitit
 import hpcdistill
 from hpcdistill.errors import LaunchError
 from hpcdistill.launch.container import python_command
-from hpcdistill.launch.paths import RunPaths, SweepPaths, read_json, write_atomic, write_json_atomic
+from hpcdistill.rundir import RunPaths, SweepPaths, read_json, read_manifest, write_atomic, write_json_atomic
 from hpcdistill.spec.load import LoadedSpec
 from hpcdistill.spec.schema import LaunchSpec
 from hpcdistill.spec.sweep import Run, expand
@@ -172,14 +172,7 @@ def _chunks(items: list, size: int) -> list[list]:
 # ---------------------------------------------------------------------------- manifest
 
 
-def load_manifest(sweep: SweepPaths) -> dict[str, Any]:
-    if not sweep.manifest.exists():
-        return {}
-    try:
-        return read_json(sweep.manifest)
-    except ValueError as exc:
-        raise LaunchError(f"{sweep.manifest}: manifest is not valid JSON ({exc}); "
-                          "it was not written by hpcdistill or was edited by hand") from None
+load_manifest = read_manifest  # the manifest reader lives with the layout (hpcdistill.rundir)
 
 
 def _update_manifest(sweep: SweepPaths, loaded: LoadedSpec, runs: list[Run], entry: dict | None) -> dict:

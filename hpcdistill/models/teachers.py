@@ -24,10 +24,11 @@ from typing import Any
 import torch
 
 from hpcdistill.models.loading import ModelHandle
+from hpcdistill.rundir import CHECKPOINT_EMA_TEACHER
 
 log = logging.getLogger(__name__)
 
-EMA_FILE = "teacher_ema.safetensors"  # inside the trainer checkpoint folder
+EMA_FILE = CHECKPOINT_EMA_TEACHER  # inside the trainer checkpoint folder
 
 
 class LogitMix:

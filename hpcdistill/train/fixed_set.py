@@ -21,7 +21,7 @@ import logging
 import numpy as np
 
 from hpcdistill.errors import LaunchError
-from hpcdistill.launch.paths import RunPaths
+from hpcdistill.rundir import RunPaths
 from hpcdistill.models.generation import Generation
 from hpcdistill.models.scoring import score_rollouts
 from hpcdistill.record import ShardReader

@@ -23,8 +23,8 @@ import torch
 import hpcdistill
 from hpcdistill.distill import contexts
 from hpcdistill.distill.segments import sentence_segments
-from hpcdistill.launch.gpus import RoleDevices
-from hpcdistill.launch.paths import RunPaths
+from hpcdistill.devices import RoleDevices
+from hpcdistill.rundir import RunPaths
 from hpcdistill.models.chat import render_prompt, set_chat_options
 from hpcdistill.models.generation import generate
 from hpcdistill.models.loading import ModelHandle, load_model, tiny_random_model
@@ -123,7 +123,7 @@ def serve_student_weights(models: Models, paths: RunPaths) -> Path | None:
     state = trainer.full_state_dict() if trainer is not None and trainer.shards_parameters else None
     if trainer is not None and not trainer.is_main:
         return None
-    return save_for_serving(models.student.model, models.student.tokenizer, paths.root / "rollout_weights",
+    return save_for_serving(models.student.model, models.student.tokenizer, paths.rollout_weights,
                             state=state)
 
 
@@ -145,7 +145,7 @@ def rollout_engine(spec: Spec, models: Models, paths: RunPaths):
         return
     server = VLLMServer(served, python=resolve_vllm_python(spec.rollout.vllm_python),
                         dtype="float32" if spec.model.dtype == "float32" else spec.model.dtype,
-                        max_logprobs=max(20, spec.scoring.top_k), log_path=paths.root / "vllm.log",
+                        max_logprobs=max(20, spec.scoring.top_k), log_path=paths.vllm_log,
                         startup_timeout_s=spec.rollout.vllm_startup_timeout_s)
     with server:
         models.rollout_server = server

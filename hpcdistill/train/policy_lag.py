@@ -29,10 +29,11 @@ from pathlib import Path
 import torch
 
 from hpcdistill.errors import LaunchError
+from hpcdistill.rundir import CHECKPOINT_POLICY_LAG
 
 log = logging.getLogger(__name__)
 
-LAG_FILE = "policy_lag.pt"
+LAG_FILE = CHECKPOINT_POLICY_LAG
 
 
 def behaviour_version(step: int, lag: int, last_step: int | None = None) -> int:

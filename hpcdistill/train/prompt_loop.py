@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from hpcdistill.errors import LaunchError, SpecError
-from hpcdistill.launch.paths import RunPaths, SweepPaths, read_json, write_atomic, write_json_atomic
+from hpcdistill.rundir import RunPaths, SweepPaths, read_json, write_atomic, write_json_atomic
 from hpcdistill.spec.load import LoadedSpec, content_hash, dump_toml, load_spec
 from hpcdistill.spec.schema import Spec
 

@@ -37,8 +37,8 @@ from hpcdistill.distill.schedules import StepPlan
 from hpcdistill.distill.masks import SCORED_KINDS, spec_masks
 from hpcdistill.distill.segments import sentence_segments
 from hpcdistill.errors import LaunchError
-from hpcdistill.launch.gpus import RoleDevices
-from hpcdistill.launch.paths import RunPaths
+from hpcdistill.devices import RoleDevices
+from hpcdistill.rundir import RunPaths
 from hpcdistill.models import teachers
 from hpcdistill.models.scoring import TeacherLogits, response_hidden, _project
 from hpcdistill.record import ShardWriter
@@ -613,7 +613,7 @@ def save_model(paths: RunPaths, models: Models) -> None:
     if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapter into the weights
         model = model.merge_and_unload()
     architectures = getattr(model.config, "architectures", None)
-    tmp = paths.root / f".model.tmp-{os.getpid()}"
+    tmp = paths.staging(paths.model)
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, state_dict=state)
     if state is not None:  # FSDP renames the class (FSDPLlamaForCausalLM); keep the loadable name
