@@ -20,7 +20,7 @@ import pytest
 
 from hpcdistill.cli import main
 from hpcdistill.rundir import SweepPaths, read_json
-from hpcdistill.launch.submit import submit
+from hpcdistill.launch.submit import render_script, submit
 from hpcdistill.record import ShardReader
 from hpcdistill.spec import expand, load_spec
 
@@ -243,6 +243,10 @@ def test_slurm_sweep_of_12_runs_is_one_job_array_and_every_task_completes(slurm,
     assert main(["status", str(sweep.root)]) == 0  # no sacct on the local cluster
     assert capsys.readouterr().out.count("completed") >= 12
     assert_no_file_contains(sweep.root, PLANTED)
+    # `hpcdistill render` prints exactly the script submitit submitted (it uses a private submitit
+    # hook, so this pins the behaviour of the pinned submitit version)
+    (submitted,) = sweep.logs.rglob("*_submission.sh")
+    assert render_script(load_spec(spec)) == [submitted.read_text()]
 
 
 @pytest.mark.slow
