@@ -5,7 +5,7 @@ teacher given as hidden states + its lm_head weight, as LigerFusedLinearJSD take
 
     naive      logits = h @ W^T for both models, objectives-style JSD on [T, V], autograd
     liger      liger_kernel.transformers.LigerFusedLinearJSD, when installed
-    fused      hpcdistill.distill.fused_loss.fused_linear_distill_loss(kind="jsd")
+    fused      hpcdistill.kernels.loss.fused_linear_distill_loss(kind="jsd")
 
 time (CUDA events, median), peak extra memory, and errors against float64 on a row subset: the
 loss and d loss / d h (each implementation run on the subset alone; float64 computed on device).
@@ -52,8 +52,8 @@ def main() -> int:
         print("gpu_loss: no CUDA device here. Run it on a GPU machine, or pass --cpu-smoke to check the "
               "script at tiny sizes on CPU.", file=sys.stderr)
         return 2
-    from hpcdistill.distill import fused_loss
-    from hpcdistill.models.fused_scoring import triton_available
+    from hpcdistill.kernels import loss as fused_loss
+    from hpcdistill.kernels.common import triton_available
 
     if not triton_available():
         print("gpu_loss: triton is not installed (pip install 'hpcdistill[gpu]').", file=sys.stderr)

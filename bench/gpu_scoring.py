@@ -6,9 +6,9 @@ what the inputs hold) and the largest error against float64 on a subset of rows,
 
     floor      reading both logit tensors once, at the copy rate measured in this run
     naive      full fp32 log-softmax of both, topk, gather, full-vocab statistics
-    chunked    hpcdistill.models.fused_scoring.chunked_score_torch, 512 rows at a time
+    chunked    hpcdistill.kernels.scoring.chunked_score_torch, 512 rows at a time
     compiled   torch.compile of the same 512-row chunk
-    fused      hpcdistill.models.fused_scoring.fused_score (a few block sizes / warp counts)
+    fused      hpcdistill.kernels.scoring.fused_score (a few block sizes / warp counts)
 
     python bench/gpu_scoring.py [--tokens 4096 --vocab 151936 --k 20 --dtype bf16]
     python bench/gpu_scoring.py --cpu-smoke   # tiny sizes on CPU, kernel in Triton's interpreter
@@ -51,9 +51,10 @@ def main() -> int:
         print("gpu_scoring: no CUDA device here. Run it on a GPU machine, or pass --cpu-smoke to check "
               "the script at tiny sizes on CPU.", file=sys.stderr)
         return 2
-    from hpcdistill.models import fused_scoring as fs
+    from hpcdistill.kernels import scoring as fs
+    from hpcdistill.kernels.common import triton_available
 
-    if not fs.triton_available():
+    if not triton_available():
         print("gpu_scoring: triton is not installed (pip install 'hpcdistill[gpu]').", file=sys.stderr)
         return 2
     dev = torch.device("cpu" if args.cpu_smoke else "cuda")

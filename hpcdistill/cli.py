@@ -187,12 +187,16 @@ def cmd_replay(args) -> int:
 
 def cmd_probe(args) -> int:
     """Lock/fork probing (seed 001): a probe run on this machine, then its report."""
-    from hpcdistill.analysis.probe_run import run_probe
-    from hpcdistill.analysis.probing import probe_report
-    from hpcdistill.rundir import SweepPaths
+    from hpcdistill.spec.command_rules import check_probe_spec
 
     loaded = _load(args)
     spec = loaded.spec
+    check_probe_spec(spec)  # a bad [probe] exits 2 before a model loads
+
+    from hpcdistill.analysis.probing import probe_report
+    from hpcdistill.rundir import SweepPaths
+    from hpcdistill.train.probe import run_probe
+
     sweep = SweepPaths.for_spec(spec.experiment.output_dir, spec.experiment.name)
     sweep.root.mkdir(parents=True, exist_ok=True)
     shard = run_probe(spec, sweep.probe_run.root)
@@ -206,9 +210,14 @@ def cmd_probe(args) -> int:
 
 def cmd_loop(args) -> int:
     """Looped context distillation with prompt optimization (seed 004 sections 6.3, 6.5)."""
-    from hpcdistill.train.prompt_loop import run_loop
+    from hpcdistill.spec.command_rules import check_loop_spec
 
-    loop_dir = run_loop(_load(args), executor=args.executor)
+    loaded = _load(args)
+    check_loop_spec(loaded)  # a spec that cannot drive the loop exits 2 before anything runs
+
+    from hpcdistill.launch.prompt_loop import run_loop
+
+    loop_dir = run_loop(loaded, executor=args.executor)
     print(f"loop results: {loop_dir}")
     return 0
 

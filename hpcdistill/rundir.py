@@ -16,13 +16,22 @@ Layout:
             run.json                         run id, seed, overrides, spec hash
             status.json                      state (running / completed / failed), times, error
             shards/step_000000.h5            one HDF5 shard per step, written atomically
-            checkpoint/                      trainer state at the last completed step, with
-                                             teacher_ema.safetensors (EMA teacher) and
+            checkpoint/                      trainer state at the last completed step: meta.json
+                                             and state.pt (single), ds/ (deepspeed) or dcp/ (fsdp),
+                                             with teacher_ema.safetensors (EMA teacher) and
                                              policy_lag.pt (rollout.policy_lag's held weights)
             rollout_weights/                 the weights the vLLM rollout server loads
             vllm.log                         the rollout server's log
             model/                           the final student (train.save_model), loadable by id
             worker.log                       the worker's log
+
+    <output_dir>/<experiment.name>/          LoopPaths.root, `hpcdistill loop`'s directory
+        loop.json                            the loop record (named by loop.record_file)
+        spec.toml                            the loop spec, merged
+        roundNN-<key>/                       LoopRoundPaths.root, one per attempt of a round
+            gepa/                            GEPA's run_dir (asserted empty before use)
+            distill.toml                     the round's generated distillation spec
+            distill/                         its sweep (a SweepPaths: <run_id>/model/ ...)
 """
 
 from __future__ import annotations
@@ -37,9 +46,17 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 RUN_JSON = "run.json"
+# the trainer's own files inside RunPaths.checkpoint (train.trainer_checkpoint): the format record
+# every strategy writes, then its state (single: one file; deepspeed, fsdp: a folder each)
+CHECKPOINT_META = "meta.json"
+CHECKPOINT_STATE = "state.pt"
+CHECKPOINT_DEEPSPEED = "ds"
+CHECKPOINT_DCP = "dcp"
 # files inside RunPaths.checkpoint besides the trainer's own state
 CHECKPOINT_EMA_TEACHER = "teacher_ema.safetensors"
 CHECKPOINT_POLICY_LAG = "policy_lag.pt"
+LOOP_RECORD = "loop.json"  # loop.record_file's default
+LOOP_DISTILL = "distill"  # a loop round's sweep: its experiment.name, so <round>/distill/<run_id>/
 
 
 @dataclass(frozen=True)
@@ -161,6 +178,57 @@ class RunPaths:
     @property
     def run_id(self) -> str:
         return self.root.name
+
+
+@dataclass(frozen=True)
+class LoopPaths:
+    """`hpcdistill loop`'s directory: the record, the loop spec and one folder per round attempt."""
+
+    root: Path
+    record_file: str = LOOP_RECORD  # loop.record_file
+
+    @classmethod
+    def for_spec(cls, output_dir: str | Path, name: str, record_file: str = LOOP_RECORD) -> "LoopPaths":
+        return cls(Path(output_dir).absolute() / name, record_file)
+
+    @property
+    def record(self) -> Path:
+        return self.root / self.record_file
+
+    @property
+    def spec(self) -> Path:
+        return self.root / "spec.toml"
+
+    def round(self, index: int, key: str) -> "LoopRoundPaths":
+        """Round `index` computed from `key` (the loop spec, the round's student and prompt)."""
+        return LoopRoundPaths(self.root / f"round{index:02d}-{key}")
+
+    def round_dir(self, name: str) -> "LoopRoundPaths":
+        """A round by its folder name, as the record's `dir` holds it."""
+        return LoopRoundPaths(self.root / name)
+
+
+@dataclass(frozen=True)
+class LoopRoundPaths:
+    root: Path
+
+    @property
+    def gepa(self) -> Path:
+        """GEPA's run_dir (gepa_state.bin, ...)."""
+        return self.root / "gepa"
+
+    @property
+    def distill_spec(self) -> Path:
+        return self.root / f"{LOOP_DISTILL}.toml"
+
+    @property
+    def distill(self) -> SweepPaths:
+        """The round's distillation sweep (experiment.name = LOOP_DISTILL, output_dir = this round)."""
+        return SweepPaths.for_spec(self.root, LOOP_DISTILL)
+
+    def stale(self, stamp: str) -> Path:
+        """Where an interrupted attempt is moved aside (kept for inspection, never reused)."""
+        return self.root.with_name(f"{self.root.name}.stale-{stamp}")
 
 
 def write_atomic(path: Path, text: str) -> None:

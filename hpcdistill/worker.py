@@ -7,7 +7,7 @@ task is requeued with the same run directory, and the pipeline resumes from the 
 step (every step's shard and checkpoint are written atomically, so nothing is done twice).
 
 With `trainer.strategy = "deepspeed"` or `"fsdp"` the task's process starts the trainer ranks
-(`train.distributed.launch_trainer_processes`: one per trainer GPU, `trainer.nproc` on the CPU),
+(`train.trainer_processes.launch_trainer_processes`: one per trainer GPU, `trainer.nproc` on the CPU),
 each running this same module; the ranks run the pipeline and rank 0 writes the shards, the
 checkpoint metadata, the model and its summary into status.json; the task's process records the
 outcome. Signals reach the ranks through the launcher.
@@ -92,7 +92,8 @@ def _set_threads(spec, ranks: int = 1) -> None:
 
 def _run_trainer_ranks(spec, paths: RunPaths, roles: RoleDevices) -> dict:
     """Start the trainer ranks over the trainer role's devices; rank 0's summary, or an error."""
-    from hpcdistill.train.distributed import TrainerConfig, launch_trainer_processes, trainer_nproc
+    from hpcdistill.train.distributed import TrainerConfig, trainer_nproc
+    from hpcdistill.train.trainer_processes import launch_trainer_processes
 
     nproc = trainer_nproc(TrainerConfig.from_spec(spec), roles.trainer)
     env = dict(os.environ, **{ROLES_ENV: json.dumps({r: list(getattr(roles, r)) for r in
@@ -124,7 +125,7 @@ def _run_rank(paths: RunPaths) -> dict:
     """Inside one trainer rank: join the group, run the pipeline; rank 0 records the summary."""
     import torch.distributed as dist
 
-    from hpcdistill.train.distributed import die_with_parent, init_process_group
+    from hpcdistill.train.trainer_processes import die_with_parent, init_process_group
 
     die_with_parent()
     init_process_group()
@@ -134,9 +135,9 @@ def _run_rank(paths: RunPaths) -> dict:
         spec = load_spec(paths.spec).spec
         _set_threads(spec, ranks=dist.get_world_size())
         roles = _roles_of_task(spec)
-        from hpcdistill.train.loop import run_pipeline
+        from hpcdistill.train.loop import run_training
 
-        summary = run_pipeline(spec, paths, roles)
+        summary = run_training(spec, paths, roles)
         if rank == 0:
             _set_status(paths, summary=summary)
         return summary
@@ -175,7 +176,7 @@ def requeue_raced(exc: BaseException) -> bool:
 def run(run_dir: str | Path) -> dict:
     """Run (or resume) one run; returns its final status."""
     paths = RunPaths(Path(run_dir).absolute())
-    from hpcdistill.train.distributed import in_trainer_process
+    from hpcdistill.train.trainer_processes import in_trainer_process
 
     if in_trainer_process():
         return _run_rank(paths)
@@ -202,9 +203,9 @@ def run(run_dir: str | Path) -> dict:
             if spec.trainer.strategy != "single" and spec.train.steps > 0:
                 summary = _run_trainer_ranks(spec, paths, roles)
             else:
-                from hpcdistill.train.loop import run_pipeline
+                from hpcdistill.train.loop import run_training
 
-                summary = run_pipeline(spec, paths, roles)
+                summary = run_training(spec, paths, roles)
         except BaseException as exc:
             if requeue_raced(exc):
                 # submitit's preemption handler ran `scontrol requeue`, and Slurm, having accepted the

@@ -104,7 +104,7 @@ def test_fixed_rows_rescore_step0_token_ids_with_each_steps_weights(fixed_run):
 
 
 def test_resumed_run_rebuilds_the_fixed_set_from_the_step0_shard(fixed_run):
-    from hpcdistill.train.loop import run_pipeline
+    from hpcdistill.train.loop import run_training as run_pipeline
 
     _, paths = fixed_run
     with ShardReader(paths.shard(2)) as reader:
@@ -267,7 +267,7 @@ def test_diagnosis_compares_only_problems_measured_at_both_steps(tmp_path):
 
 
 def test_measure_problems_step0_makes_the_last_step_sample_step0s_problems(tmp_path):
-    from hpcdistill.train.steps import step_problems
+    from hpcdistill.train.collect import step_problems
 
     path = tiny_spec(tmp_path, "same", task={"num_problems": 4}, train={
         "steps": 2, "problems_per_step": 2, "measure_problems": "step0"})

@@ -45,7 +45,7 @@ def test_context_distill_configs_score_with_a_frozen_teacher(path):
 
 
 def test_gepa_loop_distill_specs_keep_the_frozen_teacher(tmp_path):
-    from hpcdistill.train.prompt_loop import distill_spec_data
+    from hpcdistill.launch.prompt_loop import distill_spec_data
     from hpcdistill.spec.load import dump_toml
 
     for name in ("gepa_loop.toml", "gepa_loop_small.toml"):
@@ -76,7 +76,7 @@ def _metric(reader: ShardReader, name: str) -> float:
 
 
 def _run(tmp_path: Path, name: str, lag: int, temperature: float = 1.0, steps: int = 3) -> tuple[object, RunPaths]:
-    from hpcdistill.train.loop import run_pipeline
+    from hpcdistill.train.loop import run_training as run_pipeline
 
     path = tiny_spec(tmp_path, name, rollout={"policy_lag": lag, "temperature": temperature, "max_new_tokens": 6},
                      train={"steps": steps, "lr": 1e-2, "objective": "context_distill", "adv_tau": 0.0,
@@ -137,8 +137,9 @@ def _synthetic_items(handle, temperature: float):
     from hpcdistill.models.generation import Generation
     from hpcdistill.models.scoring import TokenScores
     from hpcdistill.tasks import Problem, Verdict
-    from hpcdistill.train import steps
-    from hpcdistill.train.loop import Item, Models
+    from hpcdistill.train import update
+    from hpcdistill.train.collect import ScoredRollout as Item
+    from hpcdistill.train.roles import Models
 
     rng = np.random.default_rng(0)
     items = []
@@ -157,7 +158,7 @@ def _synthetic_items(handle, temperature: float):
         items.append(Item(Problem("AB"[i // 2], "x", {}), i % 2, "original", (prompt, response),
                           (prompt, response), gen, "", Verdict(float(i % 2), bool(i % 2), "", {}), scores))
     models = Models(handle, handle)
-    logits = steps._student_logits(models, items, grad=False)
+    logits = update._student_logits(models, items, grad=False)
     for item, lg in zip(items, logits):
         y = torch.as_tensor(item.student_seq[1])
         lp = torch.log_softmax(lg / temperature, -1).gather(-1, y[:, None])[:, 0]
@@ -170,7 +171,7 @@ def _synthetic_items(handle, temperature: float):
 def test_context_distill_ratio_uses_the_sampling_temperature_in_objective_loss():
     from hpcdistill.distill import objectives
     from hpcdistill.models.loading import tiny_random_model
-    from hpcdistill.train import steps
+    from hpcdistill.train import update
 
     handle = tiny_random_model(vocab_size=64, seed=0)
     spec = validate({"experiment": {"name": "t"}, "rollout": {"temperature": 0.6},
@@ -178,7 +179,7 @@ def test_context_distill_ratio_uses_the_sampling_temperature_in_objective_loss()
                                "token_mask_high": 8.0}}, {}, "test")
     models, items = _synthetic_items(handle, 0.6)
     weights = [np.ones(len(it.student_seq[1]), np.float32) for it in items]
-    _, metrics = steps.objective_loss(spec, models, items, weights)
+    _, metrics = update.objective_loss(spec, models, items, weights)
     assert metrics["train/geo_seq_ratio"] == pytest.approx(1.0, abs=1e-5)
     assert metrics["train/is_masked"] == 0.0
     # what the T = 1 log-probs would give against the same sampler log-probs: a ratio far from 1
@@ -196,13 +197,13 @@ def test_context_distill_ratio_uses_the_sampling_temperature_in_objective_loss()
 
 
 def test_lagged_run_resumes_from_its_checkpoint_with_the_same_stale_weights(tmp_path, monkeypatch):
-    from hpcdistill.train import steps
-    from hpcdistill.train.loop import run_pipeline
+    from hpcdistill.train import loop
+    from hpcdistill.train.loop import run_training as run_pipeline
     from hpcdistill.train.policy_lag import LAG_FILE
 
     spec, whole = _run(tmp_path, "whole", lag=1)
     paths = RunPaths(tmp_path / "killed" / "run")
-    real = steps.train_step
+    real = loop.train_step
 
     def killed_after_step_1(*args, **kwargs):
         metrics = real(*args, **kwargs)
@@ -210,10 +211,10 @@ def test_lagged_run_resumes_from_its_checkpoint_with_the_same_stale_weights(tmp_
             raise KeyboardInterrupt("preempted")
         return metrics
 
-    monkeypatch.setattr(steps, "train_step", killed_after_step_1)
+    monkeypatch.setattr(loop, "train_step", killed_after_step_1)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(spec, paths, ROLES)
-    monkeypatch.setattr(steps, "train_step", real)
+    monkeypatch.setattr(loop, "train_step", real)
     assert (paths.checkpoint / LAG_FILE).exists() and not paths.shard(2).exists()
     saved = torch.load(paths.checkpoint / LAG_FILE, weights_only=True)
     assert sorted(saved["versions"]) == [0, 1] and saved["lag"] == 1
@@ -239,8 +240,8 @@ def test_policy_lag_history_and_vllm_served_versions():
     """The bookkeeping both backends share: which version each step samples with, which versions
     are held, and what the vLLM weight sync serves (a fake server records the loads)."""
     from hpcdistill.models.loading import tiny_random_model
-    from hpcdistill.train import steps
-    from hpcdistill.train.loop import Models
+    from hpcdistill.train import roles
+    from hpcdistill.train.roles import Models
     from hpcdistill.train.policy_lag import PolicyLag, behaviour_version
 
     assert [behaviour_version(s, 2) for s in range(5)] == [0, 0, 0, 1, 2]
@@ -289,9 +290,9 @@ def test_policy_lag_history_and_vllm_served_versions():
 
     import tempfile
     with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
-        mp.setattr(steps, "serve_student_weights", fake_serve)
-        steps.sync_rollout_weights(spec, Path(tmp), models, 4)  # after step 3's update: step 4 samples w_2
-        with steps.current_weights_served(spec, Path(tmp), models, 4):  # eval at step 4 sees w_4
+        mp.setattr(roles, "serve_student_weights", fake_serve)
+        roles.sync_rollout_weights(spec, Path(tmp), models, 4)  # after step 3's update: step 4 samples w_2
+        with roles.current_weights_served(spec, Path(tmp), models, 4):  # eval at step 4 sees w_4
             assert models.weight_version == 4
         assert models.weight_version == 2
     loads = models.rollout_server.loads
@@ -334,7 +335,7 @@ def _candidates(front, empty=()):
 def test_pareto_front_is_gepas_non_dominated_per_instance_best_programs():
     from gepa.gepa_utils import find_dominator_programs
 
-    from hpcdistill.train.prompt_loop import distillable, pareto_front
+    from hpcdistill.launch.prompt_search import distillable, pareto_front
 
     assert pareto_front(VAL_SCORES, AGGREGATE) == [1, 2]
     # GEPA's own reduction of its per-instance best sets gives the same programs
@@ -350,7 +351,7 @@ def test_pareto_front_is_gepas_non_dominated_per_instance_best_programs():
 
 
 def test_distill_selection_picks_the_pareto_front_by_default_and_top_k_on_request():
-    from hpcdistill.train.prompt_loop import distill_prompts, pareto_front
+    from hpcdistill.launch.prompt_search import distill_prompts, pareto_front
 
     candidates = _candidates(set(pareto_front(VAL_SCORES, AGGREGATE)))
     base = {"experiment": {"name": "t"}, "train": {"steps": 1, "objective": "context_distill"}}
@@ -367,7 +368,7 @@ def test_distill_selection_picks_the_pareto_front_by_default_and_top_k_on_reques
 
 def test_heldout_problems_are_disjoint_from_the_validation_problems():
     from hpcdistill.tasks import get_task
-    from hpcdistill.train.prompt_loop import heldout_problems
+    from hpcdistill.launch.prompt_loop import heldout_problems
 
     task = get_task("math")
     spec = validate({"experiment": {"name": "t"}, "task": {"name": "math"},

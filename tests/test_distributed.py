@@ -56,7 +56,7 @@ def synthetic_batch(tokenizer, step: int):
 
 def train_step(trainer, spec, models, items, weights, hold: Path | None = None):
     """The hook proposed for steps.update: shard -> share-scaled loss -> trainer.step."""
-    from hpcdistill.train.steps import objective_loss
+    from hpcdistill.train.update import objective_loss
 
     mine, share = trainer.shard([len(w) for w in weights])
 
@@ -82,8 +82,9 @@ def run_steps(strategy: str, steps: int, out: Path, checkpoint: Path | None = No
     """Train `steps` steps (resuming from `checkpoint`); rank 0 writes losses and weights to `out`
     (`<out>.json`, `<out>.pt`; with `snapshots` also the weights after each step, `<out>.<step>.pt`)."""
     from hpcdistill.models.loading import load_model
-    from hpcdistill.train.distributed import TrainerConfig, build_trainer, in_trainer_process, init_process_group
-    from hpcdistill.train.loop import Models
+    from hpcdistill.train.distributed import TrainerConfig, build_trainer
+    from hpcdistill.train.roles import Models
+    from hpcdistill.train.trainer_processes import in_trainer_process, init_process_group
 
     device = init_process_group() if in_trainer_process() else torch.device("cpu")
     spec = make_spec()
@@ -146,7 +147,7 @@ def _ranks(tmp: Path, *args: str, timeout: float = 240) -> None:
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
-    from hpcdistill.train.distributed import process_tree
+    from hpcdistill.train.trainer_processes import process_tree
 
     for pid in [*process_tree(proc.pid), proc.pid]:
         try:
@@ -244,7 +245,7 @@ def test_deepspeed_run_killed_mid_step_resumes_to_the_uninterrupted_weights(deep
 
 
 def test_shards_cover_the_batch_once_and_shares_sum_to_one():
-    from hpcdistill.train.distributed import shard_indices
+    from hpcdistill.train.trainer_base import shard_indices
 
     sizes = [12, 9, 15, 6, 3]
     parts = [shard_indices(sizes, r, 2) for r in range(2)]

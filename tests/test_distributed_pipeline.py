@@ -162,7 +162,7 @@ def test_fsdp2_run_through_the_worker_matches_the_single_process_step(single, tm
 
 @pytest.mark.slow
 def test_deepspeed_run_killed_outright_resumes_to_the_uninterrupted_run(deepspeed_2_steps, tmp_path):
-    from hpcdistill.train.distributed import process_tree
+    from hpcdistill.train.trainer_processes import process_tree
 
     spec = make_spec(tmp_path, "ds", "deepspeed", steps=2)  # the same run as deepspeed_2_steps
     result = submit(load_spec(spec), executor="local", wait=False)

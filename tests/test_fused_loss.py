@@ -25,8 +25,10 @@ try:
         import triton.runtime.interpreter
     except ImportError:
         triton = None
-    from hpcdistill.distill import fused_loss
-    from hpcdistill.models import fused_scoring
+    from hpcdistill.kernels import common
+    from hpcdistill.kernels import loss as fused_loss
+    from hpcdistill.kernels import scoring as fused_scoring
+    common = importlib.reload(common)
     fused_scoring = importlib.reload(fused_scoring)
     fused_loss = importlib.reload(fused_loss)
 finally:

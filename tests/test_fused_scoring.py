@@ -26,8 +26,10 @@ try:
         import triton.runtime.interpreter
     except ImportError:  # the kernel tests skip; the torch-path tests still run
         triton = None
-    from hpcdistill.models import fused_scoring
-    fused_scoring = importlib.reload(fused_scoring)  # decorate the kernels for the interpreter
+    from hpcdistill.kernels import common
+    from hpcdistill.kernels import scoring as fused_scoring
+    common = importlib.reload(common)  # decorate the kernels for the interpreter: the shared part first
+    fused_scoring = importlib.reload(fused_scoring)
 finally:
     if _OLD_INTERPRET is None:
         os.environ.pop("TRITON_INTERPRET", None)

@@ -13,7 +13,7 @@ from hpcdistill.spec import load_spec
 from hpcdistill.spec.load import validate
 from hpcdistill.tasks import Problem
 from tinyspec import tiny_spec
-from hpcdistill.train.steps import split_on_policy
+from hpcdistill.train.update import split_on_policy
 
 def _steps(tmp_path, name, fraction, off):
     path = tiny_spec(tmp_path, name, task={"num_problems": 4}, rollout={"max_new_tokens": 6},

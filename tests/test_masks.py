@@ -77,18 +77,18 @@ def test_mask_segment_newlines_reaches_the_recorded_segments_and_the_release_mas
     from types import SimpleNamespace
 
     from hpcdistill.spec.load import validate
-    from hpcdistill.train import loop, steps
+    from hpcdistill.train import recording, update
 
     ids = np.arange(len(NEWLINE_TOKENS))
-    assert loop.segment_ids(_PieceTokenizer(), ids).tolist() == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 3, 3]
-    assert loop.segment_ids(_PieceTokenizer(), ids, newlines=False).tolist() == [0] * 10 + [1, 1]
+    assert recording.segment_ids(_PieceTokenizer(), ids).tolist() == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 3, 3]
+    assert recording.segment_ids(_PieceTokenizer(), ids, newlines=False).tolist() == [0] * 10 + [1, 1]
     seen = []
 
     def recording(pieces, newlines=True):
         seen.append(newlines)
         return segments.sentence_segments(pieces, newlines)
 
-    monkeypatch.setattr(steps, "sentence_segments", recording)
+    monkeypatch.setattr(update, "sentence_segments", recording)
     n, k = len(ids), 4
     scores = SimpleNamespace(student_lp=np.zeros(n, np.float32), teacher_lp=np.zeros(n, np.float32),
                              teacher_at_student_topk_lp=np.log(np.full((n, k), 0.25, np.float32)))
@@ -96,7 +96,7 @@ def test_mask_segment_newlines_reaches_the_recorded_segments_and_the_release_mas
     for value in (True, False):
         spec = validate({"experiment": {"name": "x"}, "scoring": {"top_k": k},
                          "mask": {"kind": "release", "segment_newlines": value}}, {}, "test")
-        steps.supervision_masks(spec, [item], _PieceTokenizer(), 0)
+        update.supervision_masks(spec, [item], _PieceTokenizer(), 0)
     assert seen == [True, False]
 
 

@@ -10,21 +10,20 @@ import pytest
 import torch
 
 from hpcdistill.analysis import probing
-from hpcdistill.analysis.probe_run import (
+from hpcdistill.analysis.tables import markdown_table
+from hpcdistill.errors import ModelError, SpecError
+from hpcdistill.spec.command_rules import check_probe_spec
+from hpcdistill.spec.load import load_spec, validate
+from hpcdistill.spec.schema import ProbeSpec
+from hpcdistill.train.probe import (
     HEURISTIC,
     RANDOM,
     REGULAR,
-    check_probe_spec,
     check_same_tokenizer,
     compare_distributions,
-    length_bins,
     select_positions,
-    stratified_sample,
 )
-from hpcdistill.analysis.tables import markdown_table
-from hpcdistill.errors import ModelError, SpecError
-from hpcdistill.spec.load import load_spec, validate
-from hpcdistill.spec.schema import ProbeSpec
+from hpcdistill.train.probe_carriers import length_bins, stratified_sample
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "probing"
 TH = probing.Thresholds()
@@ -277,7 +276,7 @@ def test_generated_carriers_are_stratified_over_both_generators(monkeypatch):
     from types import SimpleNamespace
 
     import hpcdistill.tasks
-    from hpcdistill.analysis.probe_run import generate_carriers
+    from hpcdistill.train.probe_carriers import generate_carriers
     from hpcdistill.models.loading import load_model, tiny_random_model
 
     class EvenLengthTask:  # a stand-in verifier: "correct" when the answer has an even length
@@ -344,7 +343,7 @@ def _train_a_few_sft_steps(handle, out: Path) -> Path:
 
 @pytest.mark.slow
 def test_probe_end_to_end_on_the_bundled_model_writes_a_shard_and_the_report(tmp_path):
-    from hpcdistill.analysis.probe_run import run_probe
+    from hpcdistill.train.probe import run_probe
     from hpcdistill.models.loading import load_model
     from hpcdistill.record import ShardReader
 

@@ -109,7 +109,7 @@ def test_importance_ratio_masking_drops_tokens_outside_the_bounds():
 
 
 def test_training_loop_groups_rollouts_by_problem_and_feeds_the_seed_formula(monkeypatch):
-    """The real `steps.objective_loss` path: its sequence/group indices, rewards, teacher and sampler
+    """The real `update.objective_loss` path: its sequence/group indices, rewards, teacher and sampler
     log-probs reproduce the hand-computed advantages above."""
     from hpcdistill.distill import objectives as objectives_module
     from hpcdistill.models.generation import Generation
@@ -117,8 +117,9 @@ def test_training_loop_groups_rollouts_by_problem_and_feeds_the_seed_formula(mon
     from hpcdistill.models.scoring import TokenScores
     from hpcdistill.spec.schema import ExperimentSpec, Spec, TrainSpec
     from hpcdistill.tasks import Problem, Verdict
-    from hpcdistill.train import steps
-    from hpcdistill.train.loop import Item, Models
+    from hpcdistill.train import update
+    from hpcdistill.train.collect import ScoredRollout as Item
+    from hpcdistill.train.roles import Models
 
     handle = tiny_random_model(vocab_size=64, seed=0)
     spec = Spec(experiment=ExperimentSpec(name="t"),
@@ -152,7 +153,7 @@ def test_training_loop_groups_rollouts_by_problem_and_feeds_the_seed_formula(mon
 
     monkeypatch.setattr(objectives_module, "context_distill_loss", spy)
     weights = [np.ones(len(t), dtype=np.float32) for t in TEACHER_LP]
-    loss, metrics = steps.objective_loss(spec, Models(handle, handle), items, weights)
+    loss, metrics = update.objective_loss(spec, Models(handle, handle), items, weights)
     assert torch.isfinite(loss) and "train/teacher_kl" in metrics and "train/is_masked" in metrics
     assert captured["kwargs"]["use_full_reward_baseline"] is True
     assert captured["group_index"].tolist() == [0, 0, 1, 1]
@@ -238,7 +239,7 @@ def test_every_context_distill_config_expands(path):
 
 
 def test_loop_spec_errors_are_reported_together(tmp_path):
-    from hpcdistill.train.prompt_loop import check_loop_spec
+    from hpcdistill.spec.command_rules import check_loop_spec
 
     path = tmp_path / "bad.toml"
     path.write_text('[experiment]\nname = "x"\n[train]\nobjective = "topk_kl"\n'
@@ -252,7 +253,7 @@ def test_loop_spec_errors_are_reported_together(tmp_path):
 
 
 def test_top_k_prompts_skips_empty_and_duplicate_prompts():
-    from hpcdistill.train.prompt_loop import top_k_prompts
+    from hpcdistill.launch.prompt_search import top_k_prompts
 
     cands = [{"index": 0, "prompt": "seed", "direct_score": 0.2}, {"index": 1, "prompt": " ", "direct_score": 0.9},
              {"index": 2, "prompt": "seed", "direct_score": 0.5}, {"index": 3, "prompt": "b", "direct_score": 0.5}]
@@ -264,7 +265,7 @@ def test_gepa_run_dir_with_state_is_refused_not_resumed(tmp_path):
     """Seed 004 sec. 5.3: a stale cache corrupted cross-run evaluations. GEPA resumes from any
     gepa_state.bin in its run_dir; the loop refuses a run_dir with content instead."""
     from hpcdistill.spec.schema import ExperimentSpec, LoopSpec, Spec
-    from hpcdistill.train.prompt_loop import optimize_prompts
+    from hpcdistill.launch.prompt_search import optimize_prompts
 
     run_dir = tmp_path / "gepa"
     run_dir.mkdir()
@@ -276,7 +277,7 @@ def test_gepa_run_dir_with_state_is_refused_not_resumed(tmp_path):
 
 
 def test_round_keys_differ_by_spec_round_student_and_weights():
-    from hpcdistill.train.prompt_loop import round_key
+    from hpcdistill.launch.prompt_loop import round_key
 
     base = round_key("h", 1, "bundled:x", None, "p")
     assert base == round_key("h", 1, "bundled:x", None, "p")
@@ -287,7 +288,7 @@ def test_round_keys_differ_by_spec_round_student_and_weights():
 
 
 def test_loop_record_refuses_a_directory_of_another_spec(tmp_path):
-    from hpcdistill.train.prompt_loop import LoopRecord
+    from hpcdistill.launch.prompt_loop import LoopRecord
 
     spec_a = tmp_path / "a.toml"
     spec_a.write_text('[experiment]\nname = "x"\n')
@@ -300,7 +301,7 @@ def test_loop_record_refuses_a_directory_of_another_spec(tmp_path):
 
 
 def test_openai_reflection_model_posts_chat_completions_with_the_named_key(monkeypatch):
-    from hpcdistill.train.prompt_loop import OpenAIReflectionLM
+    from hpcdistill.launch.prompt_search import OpenAIReflectionLM
 
     seen = {}
 
@@ -344,7 +345,7 @@ def test_small_loop_runs_two_rounds_end_to_end(tmp_path):
     from hpcdistill.analysis.context_distill import context_distill_report, loop_report
     from hpcdistill.rundir import RunPaths
     from hpcdistill.record import iter_shards
-    from hpcdistill.train.prompt_loop import model_checksum, run_loop
+    from hpcdistill.launch.prompt_loop import model_checksum, run_loop
 
     # one distilled prompt per round keeps CI short; the rounds still chain student to student
     loaded = load_spec(CONFIGS / "gepa_loop_small.toml", [f'experiment.output_dir="{tmp_path}"',

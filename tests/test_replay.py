@@ -62,10 +62,10 @@ def _true_grad_l1(batch, config_overrides: dict) -> np.ndarray:
 
     from hpcdistill.distill.loss import LossConfig, distill_loss
     from hpcdistill.devices import RoleDevices
-    from hpcdistill.models.scoring import _project, response_hidden
+    from hpcdistill.models.scoring import project as _project, response_hidden
     from hpcdistill.spec.load import set_dotted, validate
-    from hpcdistill.train.loop import load_models
-    from hpcdistill.train.steps import distill_inputs
+    from hpcdistill.train.roles import load_models
+    from hpcdistill.train.update import distill_inputs
 
     data = batch.spec_data
     for k, v in config_overrides.items():

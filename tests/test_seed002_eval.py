@@ -23,7 +23,8 @@ from hpcdistill.record import iter_shards
 from hpcdistill.spec import load_spec
 from hpcdistill.spec.load import validate
 from hpcdistill.train import benchmarks
-from hpcdistill.train.loop import load_eval_problems, load_models
+from hpcdistill.train.loop import load_eval_problems
+from hpcdistill.train.roles import load_models
 from tinyspec import tiny_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -121,7 +122,7 @@ def test_benchmark_metrics_are_means_over_problems_x_samples_and_avg_leaves_gpqa
         return [[SimpleNamespace(response_ids=np.asarray(tok.encode(text, add_special_tokens=False)))
                  for text in answers[pid][:n]] for pid in batch]
 
-    monkeypatch.setattr("hpcdistill.train.loop.sample_student", fake_sample_student)
+    monkeypatch.setattr("hpcdistill.train.roles.sample_student", fake_sample_student)
     metrics = benchmarks.evaluate_benchmarks(spec, SimpleNamespace(student=SimpleNamespace(tokenizer=tok)),
                                              problems, step=0)
     assert asked == [(2, 2), (2, 1)]  # each benchmark's own samples per problem (eval.samples = 3 unused)

@@ -21,8 +21,9 @@ from hpcdistill.record import iter_shards
 from hpcdistill.spec import load_spec
 from hpcdistill.spec.load import validate
 from hpcdistill.tasks import Problem
-from hpcdistill.train import steps
-from hpcdistill.train.loop import collect_step, load_models, load_problems
+from hpcdistill.train import collect, update
+from hpcdistill.train.collect import collect_step, load_problems
+from hpcdistill.train.roles import load_models
 from tinyspec import tiny_spec
 
 
@@ -40,7 +41,7 @@ def _spec(**train):
 def _grad(spec, models, items, weights, reference) -> torch.Tensor:
     model = models.student.model
     model.zero_grad()
-    loss, _ = steps.objective_loss(spec, models, items, weights, reference)
+    loss, _ = update.objective_loss(spec, models, items, weights, reference)
     loss.backward()
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).clone()
 
@@ -51,7 +52,7 @@ def test_exopd_update_differs_from_opd_once_the_student_has_moved_from_its_refer
     items, _ = collect_step(exopd, models, load_problems(exopd), step=0)
     items = [it for it in items if len(it.scores.student_lp)]
     weights = [np.ones(len(it.scores.student_lp), np.float32) for it in items]
-    reference = steps.initial_reference(exopd, models)
+    reference = update.initial_reference(exopd, models)
     assert reference is not None and reference is not models.student.model
     with torch.no_grad():  # the student after some updates: no longer its initial weights
         generator = torch.Generator().manual_seed(0)
@@ -70,8 +71,8 @@ def test_exopd_update_differs_from_opd_once_the_student_has_moved_from_its_refer
     g_one = _grad(_spec(objective="exopd", exopd_alpha=1.0), models, items, weights, reference)
     torch.testing.assert_close(g_one, g_opd, rtol=1e-3, atol=1e-5)  # float32 sums in another order
     # ExOPD's reference log-probs are the frozen initial student's, not the live student's
-    lp_ref = steps.reference_logprobs(models, reference, items, chunk_size=3)
-    lp_live = steps.reference_logprobs(models, models.student.model, items, chunk_size=1000)
+    lp_ref = update.reference_logprobs(models, reference, items, chunk_size=3)
+    lp_live = update.reference_logprobs(models, models.student.model, items, chunk_size=1000)
     assert lp_ref.shape == lp_live.shape and not torch.allclose(lp_ref, lp_live)
     initial = np.concatenate([it.scores.student_lp for it in items])  # scored before the move
     np.testing.assert_allclose(lp_ref.numpy(), initial, atol=1e-4)
@@ -82,7 +83,7 @@ def test_exopd_without_a_reference_is_a_bug_not_silent_opd():
     models = load_models(spec, RoleDevices((), (), ()))
     items, _ = collect_step(spec, models, load_problems(spec), step=0)
     with pytest.raises(ValueError, match="reference"):
-        steps.objective_loss(spec, models, items, [np.ones(len(it.scores.student_lp), np.float32)
+        update.objective_loss(spec, models, items, [np.ones(len(it.scores.student_lp), np.float32)
                                                    for it in items])
 
 
@@ -91,12 +92,12 @@ def test_replay_injection_is_a_bounded_seeded_sample_of_past_problems():
                      "train": {"steps": 100, "method": "replay_buffer", "problems_per_step": 16,
                                "replay_size": 64}}, {}, "test")
     problems = [Problem(str(i), "q", {}) for i in range(7473)]  # GSM8K's training set
-    seen = {p.problem_id for s in range(9) for p in steps.step_problems(spec, problems, s)}
-    drawn = steps.replay_problems(spec, problems, 9)
+    seen = {p.problem_id for s in range(9) for p in collect.step_problems(spec, problems, s)}
+    drawn = collect.replay_problems(spec, problems, 9)
     assert len(drawn) == 16  # 64 sequences / 4 samples, not the whole training set
     assert {p.problem_id for p in drawn} <= seen
-    assert steps.replay_problems(spec, problems, 9) == drawn  # seeded
-    assert steps.replay_problems(spec, problems, 19) != drawn  # a new sample per injection
+    assert collect.replay_problems(spec, problems, 9) == drawn  # seeded
+    assert collect.replay_problems(spec, problems, 19) != drawn  # a new sample per injection
 
 
 def test_replay_buffer_run_injects_at_most_replay_size_teacher_sequences(tmp_path):

@@ -16,9 +16,12 @@ from hpcdistill.record import ShardReader
 from hpcdistill.spec.load import validate
 from hpcdistill.spec.schema import TeacherSpec
 from hpcdistill.tasks import Problem, Verdict
-from hpcdistill.train import steps
-from hpcdistill.train.distributed import TrainerConfig, build_trainer, checkpoint_file
-from hpcdistill.train.loop import load_eval_problems, load_models, load_problems
+from hpcdistill.train import loop
+from hpcdistill.train.distributed import TrainerConfig, build_trainer
+from hpcdistill.train.trainer_checkpoint import checkpoint_file
+from hpcdistill.train.collect import load_problems
+from hpcdistill.train.loop import load_eval_problems
+from hpcdistill.train.roles import load_models
 
 
 def _spec(**sections):
@@ -31,7 +34,7 @@ def _spec(**sections):
 
 
 def _run_steps(spec, run_dir, steps_to_run):
-    """What steps.run_training does, step by step, keeping the student's weights after each update."""
+    """What loop.run_training does, step by step, keeping the student's weights after each update."""
     paths = RunPaths(run_dir)
     paths.shards.mkdir(parents=True)
     models = load_models(spec, RoleDevices((), (), ()))
@@ -41,7 +44,7 @@ def _run_steps(spec, run_dir, steps_to_run):
     initial = {k: v.detach().clone() for k, v in models.teacher.model.named_parameters()}
     after = []
     for step in range(steps_to_run):
-        steps.train_step(spec, paths, models, problems, load_eval_problems(spec, problems), None, "x", step)
+        loop.train_step(spec, paths, models, problems, load_eval_problems(spec, problems), None, "x", step)
         after.append({k: v.detach().clone() for k, v in models.student.model.named_parameters()})
     return models, paths, initial, after
 

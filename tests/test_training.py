@@ -8,9 +8,10 @@ import torch
 
 from hpcdistill.distill.loss import DistillInputs, LossConfig, distill_loss
 from hpcdistill.devices import RoleDevices
-from hpcdistill.models.scoring import _project, response_hidden, score_rollouts
+from hpcdistill.models.scoring import project as _project, response_hidden, score_rollouts
 from hpcdistill.spec.load import validate
-from hpcdistill.train.loop import collect_step, load_models, load_problems
+from hpcdistill.train.collect import collect_step, load_problems
+from hpcdistill.train.roles import load_models
 
 def topk_kl_loss(logits, ids, teacher_topk_lp, weights):
     """SDPO's top-k KL (the distill objective's default) on live logits and recorded teacher log-probs."""
@@ -39,7 +40,7 @@ def test_one_sdpo_step_lowers_the_topk_kl_on_its_batch():
     items = [it for it in items if len(it.scores.student_lp)]
     before = np.mean(np.concatenate([it.scores.topk_kl for it in items]))
 
-    # The SDPO update of steps.objective_loss, written out: student logits with grad at the
+    # The SDPO update of update.objective_loss, written out: student logits with grad at the
     # response positions, the teacher's recorded log-probs at the student's top-k, AdamW.
     model = models.student.model
     teacher_topk_lp = torch.as_tensor(np.concatenate([it.scores.teacher_at_student_topk_lp for it in items]))

@@ -16,7 +16,7 @@ import pytest
 
 from hpcdistill.rundir import SweepPaths, read_json
 from hpcdistill.launch.submit import submit
-from hpcdistill.models.vllm_backend import resolve_vllm_python, vllm_importable
+from hpcdistill.models.vllm_server import resolve_vllm_python, vllm_importable
 from hpcdistill.record import ShardReader
 from hpcdistill.spec import load_spec
 

@@ -19,7 +19,6 @@ times the GPUs `launch.gpus` gives that role (1 per role on CPU), and the alloca
 
 from __future__ import annotations
 
-import tomllib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from hpcdistill.analysis.prefix_corruption import mean_stderr
-from hpcdistill.record import iter_shards
+from hpcdistill.record import ShardReader, iter_shards
+from hpcdistill.spec.load import spec_to_dict
 
 ROLE_SECONDS = {"rollout": ("rollout_seconds",), "teacher": ("teacher_seconds", "scoring_seconds"),
                 "trainer": ("train_seconds",), "eval": ("eval_seconds",)}
@@ -39,24 +39,35 @@ class RunCurve:
     method: str
     family: str
     seed: int
-    spec: dict
+    spec: dict  # the run's validated spec as plain data (spec_to_dict of ShardReader.spec)
     metrics: dict[str, dict[int, float]] = field(default_factory=lambda: defaultdict(dict))
 
 
-def collect(paths: list[Path], skipped: list | None = None) -> dict[str, RunCurve]:
-    runs: dict[str, RunCurve] = {}
-    for reader in iter_shards(paths, skipped=skipped):
+class Collector:
+    """Per run, its eval curve and stage seconds, fed one open shard at a time (`add`)."""
+
+    def __init__(self):
+        self.runs: dict[str, RunCurve] = {}
+
+    def add(self, reader: ShardReader) -> None:
         run_id = str(reader.attrs.get("run_id"))
-        if run_id not in runs:
-            spec = tomllib.loads(reader.attrs.get("spec_toml") or "")
-            model = spec.get("model", {})
-            runs[run_id] = RunCurve(run_id, spec.get("train", {}).get("method", "?"),
-                                    f"{model.get('student', '?')} <- {model.get('teacher', '?')}",
-                                    int(reader.attrs.get("seed", 0)), spec)
+        if run_id not in self.runs:
+            spec = reader.spec
+            self.runs[run_id] = RunCurve(run_id, spec.train.method, f"{spec.model.student} <- {spec.model.teacher}",
+                                         int(reader.attrs.get("seed", 0)), spec_to_dict(spec))
         for name, (steps, values) in reader.metrics().items():
             for step, value in zip(steps, values):
-                runs[run_id].metrics[name][int(step)] = float(value)
-    return runs
+                self.runs[run_id].metrics[name][int(step)] = float(value)
+
+    def result(self) -> dict[str, RunCurve]:
+        return self.runs
+
+
+def collect(paths: list[Path], skipped: list | None = None) -> dict[str, RunCurve]:
+    collector = Collector()
+    for reader in iter_shards(paths, skipped=skipped, spec=True):
+        collector.add(reader)
+    return collector.result()
 
 
 def eval_metric(run: RunCurve) -> str | None:

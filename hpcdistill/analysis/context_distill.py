@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from hpcdistill.rundir import SweepPaths, read_manifest
-from hpcdistill.analysis.tables import format_table, markdown_table
+from hpcdistill.analysis.report_writer import Report
 from hpcdistill.errors import LaunchError
-from hpcdistill.record import iter_shards
+from hpcdistill.record import ShardReader, iter_shards
+from hpcdistill.rundir import LoopPaths, SweepPaths, read_manifest
 from hpcdistill.spec.load import get_dotted
 from hpcdistill.spec.sweep import leaves
 
@@ -88,17 +88,42 @@ def _student_label(student: str) -> str:
     return f"{path.parents[2].name}/{path.parent.name}"
 
 
-def collect_runs(sweep_dir: Path, skipped: list | None = None) -> list[RunMetrics]:
-    """Per-step metrics of every run of a sweep (one shard per step, streamed)."""
-    labels, seeds = arm_labels(sweep_dir)
-    runs: dict[str, RunMetrics] = {}
-    for reader in iter_shards(sorted(sweep_dir.glob("*/shards")), skipped=skipped):
+def is_run_shard(sweep_dir: Path, path: Path) -> bool:
+    """A shard of one of the sweep's runs (<sweep>/<run>/shards/...), not of a nested sweep."""
+    try:
+        parts = Path(path).relative_to(sweep_dir).parts
+    except ValueError:
+        return False
+    return len(parts) > 2 and parts[1] == "shards"
+
+
+class Collector:
+    """Per-step metrics of every run of a sweep, fed one open shard at a time (`add`)."""
+
+    def __init__(self, sweep_dir: Path):
+        self.sweep_dir = Path(sweep_dir)
+        self.labels, self.seeds = arm_labels(self.sweep_dir)
+        self.runs: dict[str, RunMetrics] = {}
+
+    def add(self, reader: ShardReader) -> None:
+        if not is_run_shard(self.sweep_dir, reader.path):
+            return
         run_id = reader.path.parent.parent.name
-        run = runs.setdefault(run_id, RunMetrics(run_id, labels.get(run_id, run_id), seeds.get(run_id)))
+        run = self.runs.setdefault(run_id, RunMetrics(run_id, self.labels.get(run_id, run_id), self.seeds.get(run_id)))
         for name, (steps, values) in reader.metrics().items():
             for step, value in zip(steps, values):
                 run.series[name][int(step)] = float(value)
-    return sorted(runs.values(), key=lambda r: (r.arm != BASELINE, r.arm, r.seed or 0))
+
+    def result(self) -> list[RunMetrics]:
+        return sorted(self.runs.values(), key=lambda r: (r.arm != BASELINE, r.arm, r.seed or 0))
+
+
+def collect_runs(sweep_dir: Path, skipped: list | None = None) -> list[RunMetrics]:
+    """Per-step metrics of every run of a sweep (one shard per step, streamed)."""
+    collector = Collector(sweep_dir)
+    for reader in iter_shards(sorted(Path(sweep_dir).glob("*/shards")), skipped=skipped):
+        collector.add(reader)
+    return collector.result()
 
 
 def eval_metric(runs: list[RunMetrics]) -> str | None:
@@ -209,33 +234,27 @@ def plot_curves(runs: list[RunMetrics], path: Path) -> Path:
 
 def context_distill_report(sweep_dir: Path, out_dir: Path, print_tables: bool) -> list[str]:
     """Markdown sections for a context-distillation sweep (baseline, ablations, recommended configs)."""
-    sweep_dir, out_dir = Path(sweep_dir), Path(out_dir)
     skipped: list = []
-    runs = collect_runs(sweep_dir, skipped)
+    report = Report(out_dir, echo=print_tables)
+    context_distill_sections(report, collect_runs(Path(sweep_dir), skipped), skipped)
+    return report.sections
+
+
+def context_distill_sections(report: Report, runs: list[RunMetrics], skipped: list) -> None:
+    """The ablation table, the metrics to watch and their curves, into `report`."""
     if not runs:
-        return []
-    sections: list[str] = []
-
-    def emit(title: str, headers: list[str], rows: list[list[str]]) -> None:
-        sections.append(f"## {title}\n\n{markdown_table(headers, rows)}\n")
-        if print_tables:
-            print(f"\n{title}\n{format_table(headers, rows)}")
-
+        return
     metric, headers, rows = ablation_rows(runs)
     what = "eval accuracy of the student alone" if metric.startswith("eval/") else \
         "training reward (no eval recorded; set eval.every > 0)"
-    emit(f"Context distillation: final {what} per arm vs the baseline (mean ± stderr over seeds)",
-         headers, rows)
+    report.table(f"Context distillation: final {what} per arm vs the baseline (mean ± stderr over seeds)",
+                 headers, rows)
     headers, rows = health_rows(runs)
-    emit("Context distillation: metrics to watch (seed 004 sec. 6.1; mean ± stderr over seeds)", headers, rows)
-    fig = plot_curves(runs, out_dir / "context_distill_curves.png")
-    sections.append(f"![teacher_kl and reward per step]({fig.name})\n")
-    if print_tables:
-        print(f"figure: {fig}")
-    if skipped:
-        lines = "\n".join(f"- `{p}`: {reason}" for p, reason in skipped)
-        sections.append(f"## Skipped shards (context distillation)\n\n{lines}\n")
-    return sections
+    report.table("Context distillation: metrics to watch (seed 004 sec. 6.1; mean ± stderr over seeds)",
+                 headers, rows)
+    report.figure("context_distill_curves.png", lambda path: plot_curves(runs, path),
+                  "teacher_kl and reward per step")
+    report.skipped("Skipped shards (context distillation)", skipped)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -246,7 +265,7 @@ def read_loop_record(loop_dir: Path) -> dict[str, Any]:
     loop_dir = Path(loop_dir)
     if loop_dir.is_file():
         return json.loads(loop_dir.read_text())
-    candidates = [loop_dir / "loop.json"] + sorted(loop_dir.glob("*.json"))
+    candidates = [LoopPaths(loop_dir).record] + sorted(loop_dir.glob("*.json"))
     for path in candidates:
         if path.is_file():
             data = json.loads(path.read_text())
@@ -289,15 +308,13 @@ def plot_loop(rounds: list[dict[str, Any]], path: Path) -> Path:
 def loop_report(loop_dir: Path, out_dir: Path, print_tables: bool) -> list[str]:
     """Markdown sections for `hpcdistill loop`: per round the prompt (diffed against the last
     round's), its direct score and the distilled student's score."""
-    record = read_loop_record(Path(loop_dir))
+    report = Report(out_dir, echo=print_tables)
+    loop_sections(report, read_loop_record(Path(loop_dir)))
+    return report.sections
+
+
+def loop_sections(report: Report, record: dict[str, Any]) -> None:
     rounds = [r for r in record["rounds"] if r.get("state") == "completed"]
-    sections: list[str] = []
-
-    def emit(title: str, headers: list[str], rows: list[list[str]]) -> None:
-        sections.append(f"## {title}\n\n{markdown_table(headers, rows)}\n")
-        if print_tables:
-            print(f"\n{title}\n{format_table(headers, rows)}")
-
     headers = ["round", "student", "student score", "candidates", "distilled", "chosen", "direct score",
                "distilled score", "gain"]
     rows = []
@@ -309,12 +326,13 @@ def loop_report(loop_dir: Path, out_dir: Path, print_tables: bool) -> list[str]:
                      _score(r["student_score"]), str(len(r["candidates"])), str(len(r["distilled"])),
                      f"#{chosen['candidate']}", _score(chosen["direct_score"]), _score(chosen["distilled_score"]),
                      f"{gain:+.4f}"])
-    emit(f"Prompt-optimization loop `{record.get('name')}`: per round (student / direct = validation reward of "
-         "the current student without / WITH the prompt; distilled = the distilled student WITHOUT it on the "
-         "held-out problems; gain = distilled minus the current student on those)", headers, rows)
+    report.table(f"Prompt-optimization loop `{record.get('name')}`: per round (student / direct = validation "
+                 "reward of the current student without / WITH the prompt; distilled = the distilled student "
+                 "WITHOUT it on the held-out problems; gain = distilled minus the current student on those)",
+                 headers, rows)
     unfinished = [r["round"] for r in record["rounds"] if r.get("state") != "completed"]
     if unfinished:
-        sections.append(f"Rounds not completed: {unfinished}\n")
+        report.section(f"Rounds not completed: {unfinished}\n")
     previous = rounds[0]["seed_prompt"] if rounds else ""
     previous_name = "seed prompt"
     for r in rounds:
@@ -323,20 +341,16 @@ def loop_report(loop_dir: Path, out_dir: Path, print_tables: bool) -> list[str]:
                       _score(c.get("distilled_score")), "yes" if c["index"] in r["top_k"] else "",
                       "chosen" if c["index"] == chosen else "", _short(c["prompt"], 60)]
                      for c in r["candidates"]]
-        emit(f"Round {r['round']}: candidate prompts", ["candidate", "parents", "direct score", "distilled score",
-                                                        "top-k", "", "prompt"], cand_rows)
+        report.table(f"Round {r['round']}: candidate prompts", ["candidate", "parents", "direct score",
+                                                               "distilled score", "top-k", "", "prompt"], cand_rows)
         diff = prompt_diff(previous, r["chosen_prompt"], previous_name, f"round {r['round']} chosen")
-        sections.append(f"### Round {r['round']}: chosen prompt vs {previous_name}\n\n```diff\n{diff}\n```\n")
-        if print_tables:
-            print(f"\nRound {r['round']}: chosen prompt vs {previous_name}\n{diff}")
+        title = f"Round {r['round']}: chosen prompt vs {previous_name}"
+        report.section(f"### {title}\n\n```diff\n{diff}\n```\n", f"\n{title}\n{diff}")
         previous, previous_name = r["chosen_prompt"], f"round {r['round']} chosen"
     if rounds:
-        fig = plot_loop(rounds, Path(out_dir) / "loop_scores.png")
-        sections.append(f"![loop scores per round]({fig.name})\n")
-        if print_tables:
-            print(f"figure: {fig}")
-    return sections
+        report.figure("loop_scores.png", lambda path: plot_loop(rounds, path), "loop scores per round")
 
 
-__all__ = ["context_distill_report", "loop_report", "collect_runs", "ablation_rows", "health_rows",
+__all__ = ["Collector", "context_distill_report", "context_distill_sections", "loop_report", "loop_sections",
+           "collect_runs", "is_run_shard", "ablation_rows", "health_rows",
            "arm_labels", "prompt_diff", "read_loop_record"]

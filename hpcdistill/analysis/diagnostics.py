@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from hpcdistill.analysis.training import run_arms
-from hpcdistill.record import iter_shards
+from hpcdistill.record import ShardReader, iter_shards
 
 MEANS = ("student_topk_mass", "teacher_topk_mass", "teacher_mass_at_student_topk", "student_mass_at_teacher_topk",
          "topk_overlap")
@@ -47,14 +47,14 @@ class _Sums:
         return self.sum[name] / self.count[name] if self.count[name] else float("nan")
 
 
-def collect(paths) -> tuple[dict[str, _Sums], list]:
-    """run_id -> sums over its shards (streaming, one shard open at a time); skipped shards."""
-    runs: dict[str, _Sums] = defaultdict(_Sums)
-    skipped: list = []
-    for shard in iter_shards(paths, skipped=skipped):
-        if "spec_toml" not in shard.attrs:
-            continue
-        sums = runs[str(shard.attrs.get("run_id", shard.path.parent.parent.name))]
+class Collector:
+    """Per run, sums over its shards' original rollouts, fed one open shard at a time (`add`)."""
+
+    def __init__(self):
+        self.runs: dict[str, _Sums] = defaultdict(_Sums)
+
+    def add(self, shard: ShardReader) -> None:
+        sums = self.runs[str(shard.attrs.get("run_id", shard.path.parent.parent.name))]
         for record in shard.iter_rollouts(columns=COLUMNS):
             if record.row["kind"] != "original":
                 continue
@@ -76,7 +76,18 @@ def collect(paths) -> tuple[dict[str, _Sums], list]:
                 sums.add("sampler_gap_abs", np.abs(gap))
                 finite = np.abs(gap[np.isfinite(gap)])
                 sums.max_abs_gap = max(sums.max_abs_gap, float(finite.max()) if len(finite) else 0.0)
-    return dict(runs), skipped
+
+    def result(self) -> dict[str, _Sums]:
+        return dict(self.runs)
+
+
+def collect(paths) -> tuple[dict[str, _Sums], list]:
+    """run_id -> sums over its shards (streaming, one shard open at a time); skipped shards
+    (a shard without a run's spec among them)."""
+    collector, skipped = Collector(), []
+    for shard in iter_shards(paths, skipped=skipped, spec=True):
+        collector.add(shard)
+    return collector.result(), skipped
 
 
 def _cell(x: float) -> str:
@@ -85,7 +96,11 @@ def _cell(x: float) -> str:
 
 def diagnostics_rows(sweep_dir: Path) -> tuple[list[str], list[list[str]]]:
     runs, _ = collect([sweep_dir])
-    arms = run_arms(sweep_dir)
+    return diagnostics_table(runs, run_arms(sweep_dir))
+
+
+def diagnostics_table(runs: dict[str, _Sums], arms: dict[str, str]) -> tuple[list[str], list[list[str]]]:
+    """One row per run: the token means, the top-k KL error, the sampler gap, the demo/signal rates."""
     headers = ["run", "arm", "S mass@S_k", "T mass@T_k", "T mass@S_k", "S mass@T_k", "overlap",
                "topk-full KL", "|topk-full|/full", "sampler gap", "|gap| mean", "|gap| max", "demo rate",
                "signal rate"]
@@ -101,4 +116,4 @@ def diagnostics_rows(sweep_dir: Path) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
-__all__ = ["collect", "diagnostics_rows"]
+__all__ = ["Collector", "collect", "diagnostics_rows", "diagnostics_table"]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcdistill.record import iter_shards
+from hpcdistill.record import ShardReader, iter_shards
 
 NUM_DECILES = 10
 
@@ -82,10 +82,16 @@ class PrefixCorruption:
 COLUMNS = ["topk_kl", "full_kl", "teacher_mass_backtrack", "student_mass_backtrack"]
 
 
-def collect(paths: list[Path]) -> PrefixCorruption:
-    """Read every shard under `paths` once; pair original and regenerated rollouts."""
-    out = PrefixCorruption()
-    for reader in iter_shards(paths, skipped=out.skipped):
+class Collector:
+    """PrefixCorruption fed one open shard at a time (`add`), so `analyze` reads each shard once
+    for every study; `result()` is what `collect` returns."""
+
+    def __init__(self):
+        self.out = PrefixCorruption()
+
+    def add(self, reader: ShardReader) -> None:
+        """Pair the original and regenerated rollouts of one shard."""
+        out = self.out
         run_id = str(reader.attrs.get("run_id"))
         run_metrics = out.metrics.setdefault(run_id, {})
         for name, (steps, values) in reader.metrics().items():
@@ -114,7 +120,17 @@ def collect(paths: list[Path]) -> PrefixCorruption:
                 else:
                     _add_fixed_pair(out, key[1], key[2], pair["standard"], pair["regen"])
                 del pending[key]
-    return out
+
+    def result(self) -> PrefixCorruption:
+        return self.out
+
+
+def collect(paths: list[Path]) -> PrefixCorruption:
+    """Read every shard under `paths` once; pair original and regenerated rollouts."""
+    collector = Collector()
+    for reader in iter_shards(paths, skipped=collector.out.skipped):
+        collector.add(reader)
+    return collector.result()
 
 
 # rollout kind -> which teacher's KL it holds

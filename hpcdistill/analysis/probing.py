@@ -1,33 +1,10 @@
-"""Seed 001, lock/fork probing: statistics, classifier, sub-categories and the report section.
+"""Seed 001, lock/fork probing: the probe's analysis, from probe shards (kind "probe").
 
-Seed 001 ("The probing mechanism") compares the next-token distributions of a base model and a
-trained model at chosen positions of prompt+response "carriers", before and after top-k/top-p
-truncation. Everything here is a pure function of log-probabilities or of probe shards; the probe
-run that produces those shards is `hpcdistill.analysis.probe_run`.
-
-Statistics of one distribution p over the vocabulary (`distribution_stats`), at a temperature the
-caller already applied (`apply_temperature`: log_softmax(logits / T)):
-- top-1 probability; top-5 mass;
-- nucleus size: the smallest number of tokens whose mass reaches `top_p` (at least 1);
-- tail mass: the mass OUTSIDE the `top_k` most likely tokens (the seed's "moving tail mass into
-  the top-20": with top_k = 20 this is exactly that tail);
-- entropy (nats);
-- after truncation (top-k, then top-p on the renormalised top-k, the sampler's own rule,
-  `hpcdistill.models.generation.sampling_logprobs`): kept size, kept mass (before renormalising),
-  top-1 probability and entropy of the renormalised truncated distribution.
-
-Classifier (`classify`, thresholds from `[probe]`; seed 001 "heuristics"):
-- lock-like:  top-1 >= lock_min_top1, nucleus <= lock_max_nucleus, tail <= lock_max_tail;
-- fork-like:  not a lock, at least fork_min_candidates tokens in the top fork_top_n with
-  p >= fork_min_prob and p >= fork_min_ratio * top-1 ("similar probability"), and a LOW tail
-  (tail <= fork_max_tail) -- the tail separates true forks from diffuse uncertainty;
-- mixed/diffuse: everything else.
-
-A position's category is the BASE model's class. Lock sub-categories (seed 001 "Lock sharpening"):
-self-correction context (a marker such as "Wait" in the preceding text, or as either model's top
-token) takes precedence; else strict lock (both lock-like, same top token), swap (both lock-like,
-different top token), loosened (the trained model is no longer lock-like). Fork sub-categories
-(seed 001 "Fork diversity preservation"): preserved, collapsed (trained lock-like), diffused.
+The probe run records, per probed position, both models' statistics and classes
+(`hpcdistill.models.lockfork`: the statistics, the classifier and the sub-categories, re-exported
+here as seed 001's entry point); this module reads them back: per category the counts and the
+deltas (mean +/- stderr), the before/after truncation table, the class transitions, the best
+examples as the seed's rank tables, and two figures.
 
 Deltas are trained - base. The top-1 delta is taken at the BASE model's top-1 token,
 p_trained(a) - p_base(a) with a = argmax p_base: the seed reads a negative top-1 delta on swaps as
@@ -39,184 +16,22 @@ from __future__ import annotations
 import heapq
 import json
 import logging
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
 
+from hpcdistill.analysis.report_writer import Report
 from hpcdistill.analysis.tables import format_table, markdown_table
-from hpcdistill.distill.divergence import entropy_from_logprobs, log_softmax_fp32
-from hpcdistill.models.generation import sampling_logprobs
-from hpcdistill.record import iter_shards
+from hpcdistill.models.lockfork import (  # noqa: F401  (the statistics and classifier, re-exported)
+    CLASSES, COLLAPSED, DIFFUSE, DIFFUSED, FORK, FORK_SUBCATEGORIES, LOCK, LOCK_SUBCATEGORIES, LOOSENED, NONE,
+    PRESERVED, RANK_TABLE_SIZE, SELF_CORRECTION, STRICT_LOCK, SWAP, DistributionStats, Thresholds,
+    apply_temperature, classify, classify_stats, distribution_stats, fork_subcategory, lock_subcategory,
+    self_correction_context, truncated_logprobs)
+from hpcdistill.record import ShardReader, iter_shards
 
 log = logging.getLogger(__name__)
-
-LOCK, FORK, DIFFUSE = 0, 1, 2
-CLASSES = ("lock", "fork", "diffuse")
-STRICT_LOCK, SWAP, SELF_CORRECTION, LOOSENED = 0, 1, 2, 3
-LOCK_SUBCATEGORIES = ("strict lock", "swap", "self-correction", "loosened")
-PRESERVED, COLLAPSED, DIFFUSED = 0, 1, 2
-FORK_SUBCATEGORIES = ("preserved", "collapsed", "diffused")
-NONE = -1  # not in the sub-category's parent class
-RANK_TABLE_SIZE = 5  # the seed's rank tables show the top-5 of each model
-
-
-# --------------------------------------------------------------------------------------------------
-# statistics of one distribution
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Classifier thresholds (the `[probe]` keys of the same names)."""
-
-    lock_min_top1: float = 0.5
-    lock_max_nucleus: int = 8
-    lock_max_tail: float = 0.1
-    fork_top_n: int = 10
-    fork_min_candidates: int = 2
-    fork_min_prob: float = 0.05
-    fork_min_ratio: float = 0.25
-    fork_max_tail: float = 0.25
-
-    @classmethod
-    def from_spec(cls, probe: Any) -> Thresholds:
-        return cls(**{name: getattr(probe, name) for name in cls.__dataclass_fields__})
-
-
-@dataclass(frozen=True)
-class DistributionStats:
-    """Statistics of P distributions. k = min(top_k, V)."""
-
-    topk_ids: np.ndarray  # [P, k] int64, descending probability
-    topk_probs: np.ndarray  # [P, k] float32
-    top5_mass: np.ndarray  # [P]
-    nucleus_size: np.ndarray  # [P] int64, smallest set with mass >= top_p
-    tail_mass: np.ndarray  # [P], mass outside the top-k
-    entropy: np.ndarray  # [P] nats
-    trunc_size: np.ndarray  # [P] int64, tokens kept by top-k then top-p
-    trunc_mass: np.ndarray  # [P], their mass before renormalising
-    trunc_top1: np.ndarray  # [P], top-1 of the renormalised truncated distribution
-    trunc_entropy: np.ndarray  # [P] nats, entropy of the renormalised truncated distribution
-
-    @property
-    def top1_prob(self) -> np.ndarray:
-        return self.topk_probs[:, 0]
-
-    @property
-    def top1_id(self) -> np.ndarray:
-        return self.topk_ids[:, 0]
-
-
-def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log_softmax(logits / T): [..., V] -> [..., V] float32 (seed 001 compares T_eval 0.7 and 1.5)."""
-    if temperature <= 0:
-        raise ValueError(f"probe temperature must be > 0, got {temperature}")
-    return log_softmax_fp32(logits.float() / temperature)
-
-
-def truncated_logprobs(logprobs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """The renormalised top-k-then-top-p distribution, -inf outside the kept set: [P, V] -> [P, V]."""
-    return sampling_logprobs(logprobs, 1.0, top_p, top_k)
-
-
-def distribution_stats(logprobs: torch.Tensor | np.ndarray, *, top_k: int, top_p: float
-                       ) -> tuple[DistributionStats, torch.Tensor]:
-    """Statistics of each row of `logprobs` [P, V] (or one [V] vector, as P = 1).
-
-    Rows are renormalised first, so logits work too. Returns (stats, truncated log-probs [P, V]).
-    """
-    lp = torch.as_tensor(logprobs)
-    lp = log_softmax_fp32(lp.reshape(-1, lp.shape[-1]))  # [P, V]
-    p = lp.exp()
-    k = min(top_k, lp.shape[-1])
-    sorted_p, order = torch.sort(p, dim=-1, descending=True)  # [P, V]
-    before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass strictly before each token
-    nucleus = (before < top_p).sum(-1).clamp(min=1)  # the sampler's nucleus rule
-    q = truncated_logprobs(lp, k, top_p)  # [P, V]
-    kept = torch.isfinite(q)
-    stats = DistributionStats(
-        topk_ids=order[:, :k].cpu().numpy().astype(np.int64),
-        topk_probs=sorted_p[:, :k].cpu().numpy(),
-        top5_mass=sorted_p[:, :5].sum(-1).cpu().numpy(),
-        nucleus_size=nucleus.cpu().numpy().astype(np.int64),
-        tail_mass=sorted_p[:, k:].sum(-1).cpu().numpy(),  # summed, not 1 - cum: exact for small tails
-        entropy=entropy_from_logprobs(lp, p=p).cpu().numpy(),
-        trunc_size=kept.sum(-1).cpu().numpy().astype(np.int64),
-        trunc_mass=torch.where(kept, p, torch.zeros_like(p)).sum(-1).cpu().numpy(),
-        trunc_top1=q.max(-1).values.exp().cpu().numpy(),
-        trunc_entropy=entropy_from_logprobs(q).cpu().numpy(),
-    )
-    return stats, q
-
-
-# --------------------------------------------------------------------------------------------------
-# classification
-
-
-def classify(top_probs: np.ndarray, nucleus_size: np.ndarray, tail_mass: np.ndarray,
-             th: Thresholds) -> np.ndarray:
-    """LOCK / FORK / DIFFUSE per position (see the module docstring).
-
-    top_probs: [P, n] descending probabilities (n >= 1; the first fork_top_n are used);
-    nucleus_size, tail_mass: [P] -> int8 [P].
-    """
-    top_probs = np.atleast_2d(np.asarray(top_probs, dtype=np.float64))
-    nucleus_size, tail_mass = np.asarray(nucleus_size), np.asarray(tail_mass)
-    top1 = top_probs[:, 0]
-    lock = (top1 >= th.lock_min_top1) & (nucleus_size <= th.lock_max_nucleus) & (tail_mass <= th.lock_max_tail)
-    candidates = top_probs[:, :th.fork_top_n]
-    similar = (candidates >= th.fork_min_prob) & (candidates >= th.fork_min_ratio * top1[:, None])
-    fork = ~lock & (similar.sum(-1) >= th.fork_min_candidates) & (tail_mass <= th.fork_max_tail)
-    return np.where(lock, LOCK, np.where(fork, FORK, DIFFUSE)).astype(np.int8)
-
-
-def classify_stats(stats: DistributionStats, th: Thresholds) -> np.ndarray:
-    return classify(stats.topk_probs, stats.nucleus_size, stats.tail_mass, th)
-
-
-def _marker_regex(markers: list[str]) -> re.Pattern | None:
-    """One case-sensitive regex; word-like ends get word boundaries ("Wait" not in "Waiting")."""
-    parts = [(r"(?<!\w)" if m[:1].isalnum() else "") + re.escape(m) + (r"(?!\w)" if m[-1:].isalnum() else "")
-             for m in markers if m]
-    return re.compile("|".join(parts)) if parts else None
-
-
-def self_correction_context(preceding_text: str, top_tokens: list[str], markers: list[str],
-                            window: int) -> bool:
-    """Seed 001: a self-correction context has a marker ("Wait", "Let me check", ...) in the last
-    `window` characters before the position, or a marker as either model's top token there."""
-    regex = _marker_regex(markers)
-    if regex is None:
-        return False
-    if window > 0 and regex.search(preceding_text[-window:]):
-        return True
-    return any(regex.fullmatch(t.strip()) for t in top_tokens if t.strip())
-
-
-def lock_subcategory(base_class: np.ndarray, trained_class: np.ndarray, same_top: np.ndarray,
-                     self_correction: np.ndarray) -> np.ndarray:
-    """STRICT_LOCK / SWAP / SELF_CORRECTION / LOOSENED for base locks, NONE elsewhere: [P] -> int8 [P]."""
-    base_lock = np.asarray(base_class) == LOCK
-    trained_lock = np.asarray(trained_class) == LOCK
-    same_top, sc = np.asarray(same_top, bool), np.asarray(self_correction, bool)
-    out = np.full(base_lock.shape, NONE, dtype=np.int8)
-    out[base_lock & ~trained_lock] = LOOSENED
-    out[base_lock & trained_lock & same_top] = STRICT_LOCK
-    out[base_lock & trained_lock & ~same_top] = SWAP
-    out[base_lock & sc] = SELF_CORRECTION  # precedence: the seed's "Wait" lock is no true lock
-    return out
-
-
-def fork_subcategory(base_class: np.ndarray, trained_class: np.ndarray) -> np.ndarray:
-    """PRESERVED / COLLAPSED / DIFFUSED for base forks by the trained class, NONE elsewhere."""
-    base_class, trained_class = np.asarray(base_class), np.asarray(trained_class)
-    code = np.array([COLLAPSED, PRESERVED, DIFFUSED], dtype=np.int8)[trained_class.astype(np.int64)]
-    return np.where(base_class == FORK, code, NONE).astype(np.int8)
-
 
 # --------------------------------------------------------------------------------------------------
 # aggregates and tables
@@ -357,19 +172,22 @@ def _top_tokens(ids: np.ndarray, lps: np.ndarray, token_text: dict[str, str]) ->
             for t, lp in zip(ids[:RANK_TABLE_SIZE], lps[:RANK_TABLE_SIZE])]
 
 
-def collect(paths: list[Path], *, num_examples: int | None = None, context_chars: int = 240) -> ProbeCollection:
-    """Read every probe rollout (kind "probe") under `paths`, streaming one shard at a time.
+class Collector:
+    """Every probe rollout (kind "probe"), fed one open shard at a time (`add`); other shards are
+    passed over. Keeps the `num_examples` best examples per (temperature, sub-category); None =
+    the probe spec's `probe.num_examples`."""
 
-    Keeps the `num_examples` best examples per (temperature, sub-category); None = the shard's
-    `probe_num_examples` attr (the spec's `probe.num_examples`), else 1.
-    """
-    out = ProbeCollection()
-    tie = 0
-    for reader in iter_shards(paths, skipped=out.skipped):
+    def __init__(self, num_examples: int | None = None, context_chars: int = 240):
+        self.num_examples, self.context_chars = num_examples, context_chars
+        self.out = ProbeCollection()
+        self._tie = 0
+
+    def add(self, reader: ShardReader) -> None:
         if "base_class" not in reader.token_columns:
-            continue  # not a probe shard
-        keep = int(reader.attrs.get("probe_num_examples", 1)) if num_examples is None else num_examples
-        out.trained_label = str(reader.attrs.get("probe_trained_label", out.trained_label))
+            return  # not a probe shard
+        out, probe = self.out, reader.spec.probe
+        keep = probe.num_examples if self.num_examples is None else self.num_examples
+        out.trained_label = probe.trained_label
         out.models = (str(reader.attrs.get("student_model", "")), str(reader.attrs.get("teacher_model", "")))
         for record in reader.iter_rollouts():
             row, tokens = record.row, record.tokens
@@ -380,30 +198,43 @@ def collect(paths: list[Path], *, num_examples: int | None = None, context_chars
             cols = _position_columns(tokens)
             for name, values in cols.items():
                 out.columns[temperature][name].append(values)
-            if keep <= 0:
+            if keep > 0:
+                self._examples(row, tokens, cols, temperature, keep)
+
+    def _examples(self, row: dict, tokens: dict, cols: dict, temperature: float, keep: int) -> None:
+        delta = cols["trained_at_base_top1"] - cols["base_top1"]
+        names = _subcategory_names(cols)
+        text = row.get("response_text", "")
+        token_text = json.loads(row.get("token_text") or "{}")
+        context = self.context_chars
+        for i in np.flatnonzero(names != ""):
+            category = str(names[i])
+            score = EXAMPLE_SCORES[category] * float(delta[i])
+            heap = self.out.examples.setdefault((temperature, category), [])
+            if len(heap) >= keep and score <= heap[0][0]:
                 continue
-            delta = cols["trained_at_base_top1"] - cols["base_top1"]
-            names = _subcategory_names(cols)
-            text = row.get("response_text", "")
-            token_text = json.loads(row.get("token_text") or "{}")
-            for i in np.flatnonzero(names != ""):
-                category = str(names[i])
-                score = EXAMPLE_SCORES[category] * float(delta[i])
-                heap = out.examples.setdefault((temperature, category), [])
-                if len(heap) >= keep and score <= heap[0][0]:
-                    continue
-                offset = int(tokens["char_offset"][i])
-                example = Example(category, score, float(delta[i]), text[max(0, offset - context_chars):offset],
-                                  text[offset:offset + 40],
-                                  _top_tokens(tokens["student_topk_ids"][i], tokens["student_topk_lp"][i], token_text),
-                                  _top_tokens(tokens["teacher_topk_ids"][i], tokens["teacher_topk_lp"][i], token_text),
-                                  row["problem_id"], str(row.get("generator", "")), int(tokens["position"][i]))
-                tie += 1
-                if len(heap) >= keep:
-                    heapq.heapreplace(heap, (score, tie, example))
-                else:
-                    heapq.heappush(heap, (score, tie, example))
-    return out
+            offset = int(tokens["char_offset"][i])
+            example = Example(category, score, float(delta[i]), text[max(0, offset - context):offset],
+                              text[offset:offset + 40],
+                              _top_tokens(tokens["student_topk_ids"][i], tokens["student_topk_lp"][i], token_text),
+                              _top_tokens(tokens["teacher_topk_ids"][i], tokens["teacher_topk_lp"][i], token_text),
+                              row["problem_id"], str(row.get("generator", "")), int(tokens["position"][i]))
+            self._tie += 1
+            if len(heap) >= keep:
+                heapq.heapreplace(heap, (score, self._tie, example))
+            else:
+                heapq.heappush(heap, (score, self._tie, example))
+
+    def result(self) -> ProbeCollection:
+        return self.out
+
+
+def collect(paths: list[Path], *, num_examples: int | None = None, context_chars: int = 240) -> ProbeCollection:
+    """Read every probe rollout under `paths`, streaming one shard at a time (see `Collector`)."""
+    collector = Collector(num_examples, context_chars)
+    for reader in iter_shards(paths, skipped=collector.out.skipped, spec=True):
+        collector.add(reader)
+    return collector.result()
 
 
 def category_rows(result: ProbeCollection, temperature: float) -> tuple[list[str], list[list[str]]]:
@@ -528,44 +359,38 @@ def probe_report(paths: list[Path], out_dir: Path, print_tables: bool = False, *
     are none); writes the figures into `out_dir`; prints the tables when `print_tables`.
     `num_examples` rank tables per sub-category and temperature (None = the spec's value)."""
     result = collect(paths, num_examples=num_examples)
+    report = Report(out_dir, echo=print_tables)
+    probe_sections(report, result, result.skipped)
+    return report.sections
+
+
+def probe_sections(report: Report, result: ProbeCollection, skipped: list) -> None:
+    """The probe's tables, rank-table examples and figures, into `report` (nothing without probe data)."""
     if not result.columns:
-        return []
-    out_dir = Path(out_dir)
+        return
     base, trained = result.models
-    sections = [f"## Lock/fork probe (seed 001)\n\nBase `{base}` vs {result.trained_label.lower()} "
-                f"`{trained}`; {len(result.carriers)} carriers. Deltas are trained - base; Δ top-1 is "
-                "taken at the base model's top-1 token. Category = the base model's class.\n"]
-
-    def emit(title: str, headers: list[str], rows: list[list[str]]) -> None:
-        sections.append(f"### {title}\n\n{markdown_table(headers, rows)}\n")
-        if print_tables:
-            print(f"\n{title}\n{format_table(headers, rows)}")
-
+    report.section(f"## Lock/fork probe (seed 001)\n\nBase `{base}` vs {result.trained_label.lower()} "
+                   f"`{trained}`; {len(result.carriers)} carriers. Deltas are trained - base; Δ top-1 is "
+                   "taken at the base model's top-1 token. Category = the base model's class.\n")
     for temperature in sorted(result.columns):
-        emit(f"Probe at T = {temperature:g}: categories and deltas (mean ± stderr)",
-             *category_rows(result, temperature))
-        emit(f"Probe at T = {temperature:g}: before vs after top-k/top-p truncation",
-             *truncation_rows(result, temperature))
-        emit(f"Probe at T = {temperature:g}: class transitions (positions)", *transition_rows(result, temperature))
+        report.table(f"Probe at T = {temperature:g}: categories and deltas (mean ± stderr)",
+                     *category_rows(result, temperature), level=3)
+        report.table(f"Probe at T = {temperature:g}: before vs after top-k/top-p truncation",
+                     *truncation_rows(result, temperature), level=3)
+        report.table(f"Probe at T = {temperature:g}: class transitions (positions)",
+                     *transition_rows(result, temperature), level=3)
+        headers = rank_table_headers(result.trained_label)
         for title, context, rows in example_sections(result, temperature):
-            headers = rank_table_headers(result.trained_label)
-            sections.append(f"#### {title}\n\n```text\n{context}\n```\n\n{markdown_table(headers, rows)}\n")
-            if print_tables:
-                flat = context[-200:].replace("\n", "⏎")
-                print(f"\n{title}\n  {flat}\n{format_table(headers, rows)}")
-    for fig in (plot_deltas(result, out_dir / "probe_top1_delta.png"),
-                plot_top1_scatter(result, out_dir / "probe_top1_scatter.png")):
-        sections.append(f"![{fig.stem}]({fig.name})\n")
-        if print_tables:
-            print(f"figure: {fig}")
-    if result.skipped:
-        lines = "\n".join(f"- `{p}`: {reason}" for p, reason in result.skipped)
-        sections.append(f"### Skipped probe shards\n\n{lines}\n")
-    return sections
+            flat = context[-200:].replace("\n", "⏎")
+            report.section(f"#### {title}\n\n```text\n{context}\n```\n\n{markdown_table(headers, rows)}\n",
+                           f"\n{title}\n  {flat}\n{format_table(headers, rows)}")
+    report.figure("probe_top1_delta.png", lambda path: plot_deltas(result, path))
+    report.figure("probe_top1_scatter.png", lambda path: plot_top1_scatter(result, path))
+    report.skipped("Skipped probe shards", skipped, level=3)
 
 
 __all__ = ["Thresholds", "DistributionStats", "apply_temperature", "truncated_logprobs",
            "distribution_stats", "classify", "classify_stats", "self_correction_context",
            "lock_subcategory", "fork_subcategory", "mean_stderr", "rank_table_rows",
-           "rank_table_headers", "format_prob", "collect", "category_rows", "truncation_rows",
-           "transition_rows", "probe_report", "LOCK", "FORK", "DIFFUSE", "CLASSES"]
+           "rank_table_headers", "format_prob", "Collector", "collect", "category_rows", "truncation_rows",
+           "transition_rows", "probe_report", "probe_sections", "LOCK", "FORK", "DIFFUSE", "CLASSES"]

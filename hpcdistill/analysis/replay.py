@@ -39,6 +39,8 @@ from hpcdistill.distill.loss import (DistillInputs, LossConfig, bucket_log_probs
                                      support_ids, topk_buckets, with_tail)
 from hpcdistill.distill.masks import spec_masks
 from hpcdistill.errors import SpecError
+from hpcdistill.models.loading import ModelHandle, load_model_id
+from hpcdistill.models.scoring import TeacherLogits, project, response_hidden
 from hpcdistill.record import iter_shards
 from hpcdistill.spec.load import SET_ORIGIN, parse_override, set_dotted, validate
 from hpcdistill.spec.schema import Spec
@@ -118,14 +120,12 @@ class StepBatch:
 def read_batches(sweep_dir: Path, run_ids: list[str] | None = None, skipped: list | None = None
                  ) -> Iterator[StepBatch]:
     """Every step shard of the sweep (or of `run_ids`), one at a time (streaming)."""
-    for shard in iter_shards([sweep_dir], skipped=skipped):
+    for shard in iter_shards([sweep_dir], skipped=skipped, spec=True):
         run_id = str(shard.attrs.get("run_id", shard.path.parent.parent.name))
         if run_ids and run_id not in run_ids:
             continue
-        if "spec_toml" not in shard.attrs:
-            continue  # not a run's shard (a probe)
-        data = tomllib.loads(shard.attrs["spec_toml"])
-        spec = validate(data, {}, f"{shard.path} (spec_toml)")
+        spec = shard.spec
+        data = tomllib.loads(shard.attrs["spec_toml"])  # what a variant's overrides are set into
         rows, parts = [], {}
         for record in shard.iter_rollouts(columns=COLUMNS):
             if record.row["kind"] != "original":
@@ -239,31 +239,32 @@ class Rescorer:
     def __init__(self):
         self._models: dict[tuple, Any] = {}
 
-    def _load(self, spec: Spec):
-        from dataclasses import replace
-
-        from hpcdistill.devices import RoleDevices
-        from hpcdistill.train.loop import load_models
-
-        key = (spec.model.student, spec.model.teacher, spec.model.dtype)
+    def _load(self, spec: Spec) -> tuple[ModelHandle, ModelHandle]:
+        """(student, teacher) with the initial weights, on the CPU unless the spec names a device:
+        as a measurement run loads them (a self-teacher is then the student itself)."""
+        model = spec.model
+        key = (model.student, model.teacher, model.dtype)
         if key not in self._models:
-            # the initial weights: a measurement spec (its self-teacher is the student itself)
-            measure = replace(spec, train=replace(spec.train, steps=0))
-            self._models[key] = load_models(measure, RoleDevices((), (), ()))
+            device = "cpu" if model.device == "auto" else model.device
+
+            def load(model_id: str) -> ModelHandle:
+                return load_model_id(model_id, dtype=model.dtype, device=device, enable_thinking=model.enable_thinking)
+
+            student = load(model.student)
+            teacher = student if model.teacher in ("same", model.student) else load(model.teacher)
+            self._models[key] = (student, teacher)
         return self._models[key]
 
     def full(self, batch: StepBatch, config: LossConfig, w: torch.Tensor, valid: torch.Tensor,
              sampler_lp: torch.Tensor | None) -> Replayed:
-        from hpcdistill.models.scoring import TeacherLogits, _project, response_hidden
-
         versions = {int(r["weight_version"]) for r in batch.rows}
         if versions != {0}:
             raise Unreplayable(f"{batch.path}: full-vocabulary replay re-scores the tokens with the weights that "
                             f"sampled them; only the initial weights can be reloaded, and this step's rollouts "
                             f"came from weights version(s) {sorted(versions)} (replay top-k or sampled-token "
                             "variants on this step, or the step-0 shard)")
-        models = self._load(batch.spec)
-        tok = models.student.tokenizer
+        student_handle, teacher_handle = self._load(batch.spec)
+        tok = student_handle.tokenizer
         n_valid = valid.sum().clamp_min(1.0)
         terms, grads, total = [], [], torch.zeros((), dtype=torch.float64)
         offsets = np.cumsum([0, *batch.lengths])
@@ -279,8 +280,9 @@ class Rescorer:
             s_seq = (tok.encode(row["prompt_text"], add_special_tokens=False), ids)
             t_seq = (tok.encode(teacher_prompt, add_special_tokens=False), ids)
             with torch.no_grad():
-                student = _project(models.student.model, response_hidden(models.student, [s_seq], [hi - lo])).double()
-                teacher = TeacherLogits(models.teacher, [t_seq], [hi - lo]).chunk(0, hi - lo).double()
+                hidden = response_hidden(student_handle, [s_seq], [hi - lo])
+                student = project(student_handle.model, hidden).double()
+                teacher = TeacherLogits(teacher_handle, [t_seq], [hi - lo]).chunk(0, hi - lo).double()
             logits = student.clone().requires_grad_(True)
             y = torch.as_tensor(ids)[:, None]
             inputs = DistillInputs(weights=w[lo:hi], lengths=[hi - lo],

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from hpcdistill.analysis.replay import BASELINE, ReplayResult
-from hpcdistill.analysis.tables import format_table, markdown_table
+from hpcdistill.analysis.report_writer import Report
 
 DECILES = 10
 
@@ -69,12 +69,7 @@ def replay_report(result: ReplayResult, out_dir: Path, *, print_tables: bool = T
     """Markdown sections (and, printed, the same tables); writes replay.json and the figure."""
     out_dir.mkdir(parents=True, exist_ok=True)
     names = result.variants
-    sections: list[str] = []
-
-    def emit(title: str, headers: list[str], rows: list[list[str]]) -> None:
-        sections.append(f"## {title}\n\n{markdown_table(headers, rows)}\n")
-        if print_tables:
-            print(f"\n{title}\n{format_table(headers, rows)}")
+    report = Report(out_dir, echo=print_tables)
 
     # 1. per step
     rows = []
@@ -83,8 +78,8 @@ def replay_report(result: ReplayResult, out_dir: Path, *, print_tables: bool = T
         diff = abs(entry[BASELINE] - logged) if logged is not None else None
         rows.append([entry["run_id"], str(entry["step"]), str(entry["tokens"]), _fmt(logged),
                      _fmt(entry[BASELINE]), _fmt(diff), *[_fmt(entry[n]) for n in names[1:]]])
-    emit("Replay: loss per step (logged = train/loss of the step; as trained = replayed from the shard)",
-         ["run", "step", "tokens", "logged", BASELINE, "|diff|", *names[1:]], rows)
+    report.table("Replay: loss per step (logged = train/loss of the step; as trained = replayed from the shard)",
+                 ["run", "step", "tokens", "logged", BASELINE, "|diff|", *names[1:]], rows)
 
     position = np.concatenate(result.position) if result.position else np.zeros(0)
     grads = {n: result.pooled("grads", n) for n in names}
@@ -98,7 +93,7 @@ def replay_report(result: ReplayResult, out_dir: Path, *, print_tables: bool = T
         for n in names:
             means, errs = _deciles(values[n], position)
             table.append([n, *[f"{_fmt(m)} ± {_fmt(e)}" for m, e in zip(means, errs)]])
-        emit(f"Replay: {what} by decile of position", ["variant", *labels], table)
+        report.table(f"Replay: {what} by decile of position", ["variant", *labels], table)
 
     # 3. agreement with the run's own loss
     table = []
@@ -108,8 +103,8 @@ def replay_report(result: ReplayResult, out_dir: Path, *, print_tables: bool = T
                       _fmt(correlation(grads[BASELINE], grads[n], spearman=True)),
                       _fmt(correlation(terms[BASELINE], terms[n])),
                       _fmt(float(np.mean(np.abs(share(grads[n]) - base_share))) if len(base_share) else np.nan)])
-    emit(f"Replay: agreement with the run's own loss over {len(position)} tokens",
-         ["variant", "grad Pearson", "grad Spearman", "term Pearson", "mean |share diff|"], table)
+    report.table(f"Replay: agreement with the run's own loss over {len(position)} tokens",
+                 ["variant", "grad Pearson", "grad Spearman", "term Pearson", "mean |share diff|"], table)
 
     # 4. where they disagree most
     table = []
@@ -117,8 +112,8 @@ def replay_report(result: ReplayResult, out_dir: Path, *, print_tables: bool = T
         diff = share(grads[n]) - base_share
         means, _ = _deciles(np.abs(diff), position)
         table.append([n, *[_fmt(m) for m in means]])
-    emit("Replay: mean |gradient share - the run's own share| by decile (share = weight / mean weight)",
-         ["variant", *labels], table)
+    report.table("Replay: mean |gradient share - the run's own share| by decile (share = weight / mean weight)",
+                 ["variant", *labels], table)
     where = np.concatenate(result.where) if result.where else np.zeros((0, 3), int)
     ids = np.concatenate(result.ids) if result.ids else np.zeros(0, int)
     for n in names[1:]:
@@ -132,14 +127,11 @@ def replay_report(result: ReplayResult, out_dir: Path, *, print_tables: bool = T
             text = repr(tokenizer.decode([int(ids[j])])) if tokenizer is not None else str(int(ids[j]))
             table.append([entry["run_id"], str(entry["step"]), f"{problem}#{sample}", str(t), text,
                           _fmt(base_share[j]), _fmt(share(grads[n])[j]), _fmt(terms[BASELINE][j]), _fmt(terms[n][j])])
-        emit(f"Replay: tokens where '{n}' and the run's own loss disagree most",
-             ["run", "step", "rollout", "t", "token", "share (own)", "share (variant)", "term (own)",
-              "term (variant)"], table)
+        report.table(f"Replay: tokens where '{n}' and the run's own loss disagree most",
+                     ["run", "step", "rollout", "t", "token", "share (own)", "share (variant)", "term (own)",
+                      "term (variant)"], table)
 
-    fig = _plot(grads, position, out_dir / "replay_deciles.png")
-    sections.append(f"![gradient share by decile]({fig.name})\n")
-    if print_tables:
-        print(f"figure: {fig}")
+    report.figure("replay_deciles.png", lambda path: _plot(grads, position, path), "gradient share by decile")
     summary = {"variants": names, "tokens": int(len(position)),
                "steps": [{k: v for k, v in e.items() if k != "rows"} for e in result.steps],
                "correlation_with_own": {n: {"grad_pearson": correlation(grads[BASELINE], grads[n]),
@@ -148,7 +140,7 @@ def replay_report(result: ReplayResult, out_dir: Path, *, print_tables: bool = T
     tmp = out_dir / f".replay.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(summary, indent=1, default=float))
     os.replace(tmp, out_dir / "replay.json")
-    return sections
+    return report.sections
 
 
 def _plot(grads: dict[str, np.ndarray], position: np.ndarray, path: Path) -> Path:

@@ -31,7 +31,7 @@ from hpcdistill.distill.release import (
     bic_downward_change_point,
     teacher_top2_margin_from_logprobs,
 )
-from hpcdistill.record import iter_shards
+from hpcdistill.record import ShardReader, iter_shards
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,37 @@ NUM_BINS = 20
 def position_bins(length: int, num_bins: int = NUM_BINS) -> np.ndarray:
     """[length] bin of each position t: floor(t * num_bins / length), normalised position."""
     return np.minimum((np.arange(length) * num_bins) // max(length, 1), num_bins - 1)
+
+
+@dataclass(frozen=True)
+class TrajectorySums:
+    """What one trajectory adds to a BinStats (kept per rollout until the comparison knows which
+    problems it uses): per-bin sums [20], sums of squares [20], counts [20], the std along the
+    trajectory in each bin [20], and its std over all its tokens (None below two tokens)."""
+
+    sums: np.ndarray
+    sums_sq: np.ndarray
+    counts: np.ndarray
+    std: np.ndarray
+    overall_std: float | None
+
+
+def trajectory_sums(values: np.ndarray) -> TrajectorySums | None:
+    """One trajectory's values [T] -> its increments (None when T = 0)."""
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    if n == 0:
+        return None
+    bins = position_bins(n)
+    sums = np.bincount(bins, weights=values, minlength=NUM_BINS)
+    counts = np.bincount(bins, minlength=NUM_BINS)
+    # along this trajectory: two-pass variance per bin (exact 0 for a constant stretch)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        bin_mean = sums / counts
+    deviation = values - bin_mean[bins]
+    std = np.sqrt(np.bincount(bins, weights=deviation * deviation, minlength=NUM_BINS) / np.maximum(counts, 1))
+    return TrajectorySums(sums, np.bincount(bins, weights=values * values, minlength=NUM_BINS), counts, std,
+                          float(np.std(values)) if n >= 2 else None)
 
 
 @dataclass
@@ -62,26 +93,19 @@ class BinStats:
 
     def add(self, values: np.ndarray) -> None:
         """One trajectory's values [T]."""
-        values = np.asarray(values, dtype=np.float64)
-        n = len(values)
-        if n == 0:
+        self.add_trajectory(trajectory_sums(values))
+
+    def add_trajectory(self, t: "TrajectorySums | None") -> None:
+        if t is None:
             return
-        bins = position_bins(n)
-        sums = np.bincount(bins, weights=values, minlength=NUM_BINS)
-        counts = np.bincount(bins, minlength=NUM_BINS)
-        self.total += sums
-        self.total_sq += np.bincount(bins, weights=values * values, minlength=NUM_BINS)
-        self.count += counts
-        # along this trajectory: two-pass variance per bin (exact 0 for a constant stretch)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            bin_mean = sums / counts
-        deviation = values - bin_mean[bins]
-        std = np.sqrt(np.bincount(bins, weights=deviation * deviation, minlength=NUM_BINS) / np.maximum(counts, 1))
-        spread = counts >= 2
-        self.trajectory_std_sum[spread] += std[spread]
+        self.total += t.sums
+        self.total_sq += t.sums_sq
+        self.count += t.counts
+        spread = t.counts >= 2
+        self.trajectory_std_sum[spread] += t.std[spread]
         self.trajectory_count[spread] += 1
-        if n >= 2:
-            self.trajectory_overall_std_sum += float(np.std(values))
+        if t.overall_std is not None:
+            self.trajectory_overall_std_sum += t.overall_std
             self.trajectories += 1
 
     def mean(self) -> np.ndarray:
@@ -145,69 +169,89 @@ def release_record(margins: np.ndarray, advantages: np.ndarray, segment_id: np.n
     }
 
 
-def _shard_spec(reader) -> dict:
-    import tomllib
+@dataclass(frozen=True)
+class _Rollout:
+    """One original rollout of a step-0 or last-step shard, reduced to what the tables need."""
 
-    return tomllib.loads(reader.attrs.get("spec_toml", "")) if reader.attrs.get("spec_toml") else {}
-
-
-def _measured_problems(paths: list[Path]) -> dict[tuple[str, str], set[str]]:
-    """(run id, label) -> the problem ids of the original rollouts there (rollout tables only)."""
-    out: dict[tuple[str, str], set[str]] = defaultdict(set)
-    for reader in iter_shards(paths, skipped=[]):
-        last = int(_shard_spec(reader).get("train", {}).get("steps", 0))
-        label = Teachability().label(int(reader.attrs.get("step", 0)), last)
-        if label is not None:
-            table = reader.rollouts(["kind", "problem_id"])
-            out[(str(reader.attrs.get("run_id")), label)] |= {
-                str(p) for p, kind in zip(table["problem_id"], table["kind"]) if kind == "original"}
-    return out
+    label: str
+    run_id: str
+    problem_id: str
+    advantage: TrajectorySums | None
+    margin: TrajectorySums | None
+    release: dict | None
 
 
-def collect(paths: list[Path], support_k: int | None = None, same_problems: bool = True) -> Teachability:
-    """`same_problems`: compare step 0 and the last step on the problems both measured (seed 002
-    samples "from both models across 500 training instances"), when a run has any in common."""
-    out = Teachability()
-    keep: dict[str, set[str]] = {}  # run id -> the problems to use (absent: all)
-    if same_problems:
-        measured = _measured_problems(paths)
-        for run_id in {r for r, _ in measured}:
-            labels = [lab for r, lab in measured if r == run_id]
-            if len(labels) < 2:
-                continue
-            common = set.intersection(*(measured[(run_id, lab)] for lab in labels))
-            out.common_problems[run_id] = len(common)
-            if common:
-                keep[run_id] = common
-            else:
-                log.warning("run %s: step 0 and the last step measured no problem in common; comparing "
-                            "different instances (set train.measure_problems = 'step0')", run_id)
-    used: dict[str, set[str]] = defaultdict(set)
-    for reader in iter_shards(paths, skipped=out.skipped):
-        spec = _shard_spec(reader)
-        last = int(spec.get("train", {}).get("steps", 0))
-        k = support_k or spec.get("mask", {}).get("support_k") or spec.get("scoring", {}).get("top_k")
-        step = int(reader.attrs.get("step", 0))
-        label = out.label(step, last)
+class Collector:
+    """Teachability fed one open shard at a time (`add`). The step-0 vs last-step comparison
+    keeps only the problems both steps measured, known after the last shard: so each rollout is
+    kept reduced (its per-bin sums, its release record) and `result()` adds the kept ones up in
+    shard order, as a second pass over the shards would."""
+
+    def __init__(self, support_k: int | None = None):
+        self.support_k = support_k
+        self.skipped: list[tuple[str, str]] = []
+        self.rollouts: list[_Rollout] = []
+        # (run id, label) -> the problem ids of the original rollouts there
+        self.measured: dict[tuple[str, str], set[str]] = defaultdict(set)
+
+    def add(self, reader: ShardReader) -> None:
+        spec = reader.spec
+        label = Teachability().label(int(reader.attrs.get("step", 0)), spec.train.steps)
         if label is None:
-            continue
-        wanted = keep.get(str(reader.attrs.get("run_id")))
+            return
+        k = self.support_k or spec.mask.support_k or spec.scoring.top_k
+        run_id = str(reader.attrs.get("run_id"))
         for record in reader.iter_rollouts(columns=COLUMNS):
             if record.row["kind"] != "original":
                 continue
-            if wanted is not None and record.row["problem_id"] not in wanted:
-                continue
-            used[label].add(record.row["problem_id"])
+            problem = record.row["problem_id"]
+            self.measured[(run_id, label)].add(str(problem))
             tokens = record.tokens
             advantages = (tokens["teacher_lp"] - tokens["student_lp"]).astype(np.float64)
             margins = teacher_top2_margin_from_logprobs(tokens["teacher_at_student_topk_lp"], k)
-            out.advantage[label].add(advantages)
-            out.margin[label].add(np.asarray(margins, dtype=np.float64))
+            release = None
             if "segment_id" in tokens and len(advantages) >= 2:
-                out.releases[label].append(release_record(np.asarray(margins), advantages,
-                                                          np.asarray(tokens["segment_id"])))
-    out.problems = {label: len(ids) for label, ids in used.items()}
-    return out
+                release = release_record(np.asarray(margins), advantages, np.asarray(tokens["segment_id"]))
+            self.rollouts.append(_Rollout(label, run_id, problem, trajectory_sums(advantages),
+                                          trajectory_sums(np.asarray(margins, dtype=np.float64)), release))
+
+    def result(self, same_problems: bool = True) -> Teachability:
+        """`same_problems`: compare step 0 and the last step on the problems both measured (seed 002
+        samples "from both models across 500 training instances"), when a run has any in common."""
+        out = Teachability(skipped=self.skipped)
+        keep: dict[str, set[str]] = {}  # run id -> the problems to use (absent: all)
+        if same_problems:
+            for run_id in {r for r, _ in self.measured}:
+                labels = [lab for r, lab in self.measured if r == run_id]
+                if len(labels) < 2:
+                    continue
+                common = set.intersection(*(self.measured[(run_id, lab)] for lab in labels))
+                out.common_problems[run_id] = len(common)
+                if common:
+                    keep[run_id] = common
+                else:
+                    log.warning("run %s: step 0 and the last step measured no problem in common; comparing "
+                                "different instances (set train.measure_problems = 'step0')", run_id)
+        used: dict[str, set[str]] = defaultdict(set)
+        for r in self.rollouts:
+            wanted = keep.get(r.run_id)
+            if wanted is not None and r.problem_id not in wanted:
+                continue
+            used[r.label].add(r.problem_id)
+            out.advantage[r.label].add_trajectory(r.advantage)
+            out.margin[r.label].add_trajectory(r.margin)
+            if r.release is not None:
+                out.releases[r.label].append(r.release)
+        out.problems = {label: len(ids) for label, ids in used.items()}
+        return out
+
+
+def collect(paths: list[Path], support_k: int | None = None, same_problems: bool = True) -> Teachability:
+    """Teachability of the shards under `paths` (see `Collector.result` for `same_problems`)."""
+    collector = Collector(support_k)
+    for reader in iter_shards(paths, skipped=collector.skipped, spec=True):
+        collector.add(reader)
+    return collector.result(same_problems)
 
 
 def comparison_note(result: Teachability) -> str:
@@ -261,7 +305,8 @@ def release_rows(result: Teachability) -> tuple[list[str], list[list[str]]]:
             "margin post", "A pre", "A post"], rows
 
 
-def plot(result: Teachability, out_dir: Path, pooled: bool = False) -> list[Path]:
+def plot_bins(result: Teachability, path: Path, pooled: bool = False) -> Path:
+    """Figures 1 and 2 of the seed: mean and normalised std of the advantage, and the margin, by bin."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -282,20 +327,31 @@ def plot(result: Teachability, out_dir: Path, pooled: bool = False) -> list[Path
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    paths = [out_dir / "teachability_bins.png"]
-    fig.savefig(paths[0], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    recs = [r for rs in result.releases.values() for r in rs]
-    if recs:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-        axes[0].hist([r["bic_gain"] for r in recs], bins=20)
-        axes[0].set_xlabel("BIC gain (H0 - H1)")
-        axes[0].set_ylabel("rollouts")
-        axes[1].hist([r["release_fraction"] for r in recs if r["accepted"]], bins=20, range=(0, 1))
-        axes[1].set_xlabel("release position (fraction of the response)")
-        axes[1].set_ylabel("accepted releases")
-        fig.tight_layout()
-        paths.append(out_dir / "release_diagnostics.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
-    return paths
+    return path
+
+
+def release_records(result: Teachability) -> list[dict]:
+    return [r for rs in result.releases.values() for r in rs]
+
+
+def plot_releases(result: Teachability, path: Path) -> Path:
+    """Figures 3 and 6: BIC gains of every rollout, release positions of the accepted ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = release_records(result)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    axes[0].hist([r["bic_gain"] for r in recs], bins=20)
+    axes[0].set_xlabel("BIC gain (H0 - H1)")
+    axes[0].set_ylabel("rollouts")
+    axes[1].hist([r["release_fraction"] for r in recs if r["accepted"]], bins=20, range=(0, 1))
+    axes[1].set_xlabel("release position (fraction of the response)")
+    axes[1].set_ylabel("accepted releases")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -34,6 +34,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hpcdistill.distill.divergence import masked_kl
+from hpcdistill.spec.rules import canonical_objective, resolve_train
+
 Metrics = dict[str, torch.Tensor]
 
 LOG_RATIO_CLAMP = 20.0  # |log p_S - log p_T| (or vs the sampler) before exp: no overflow from one token
@@ -56,18 +59,15 @@ class LossConfig:
 
     @classmethod
     def from_train(cls, train) -> "LossConfig":
-        """From a `TrainSpec`; a legacy objective name (a Spec built without the loader) is read
-        as its preset (`spec.rules.LEGACY_OBJECTIVES`)."""
-        from hpcdistill.spec.rules import LEGACY_OBJECTIVES
-
-        values = {name: getattr(train, name) for name in cls.__dataclass_fields__}
-        return cls(**(values | LEGACY_OBJECTIVES.get(train.objective, {})))
+        """From a `TrainSpec`, read as `spec.rules` resolves it (a legacy objective name in a Spec
+        built without the loader is its preset there too)."""
+        resolved = resolve_train(train)
+        return cls(**{name: getattr(resolved, name) for name in cls.__dataclass_fields__})
 
     @staticmethod
     def applies_to(objective: str) -> bool:
-        from hpcdistill.spec.rules import LEGACY_OBJECTIVES
-
-        return objective == "distill" or objective in LEGACY_OBJECTIVES
+        """Whether `train.objective` is this loss (`distill`, or a preset of it)."""
+        return canonical_objective(objective) == "distill"
 
     @property
     def tail(self) -> bool:
@@ -204,15 +204,6 @@ def topk_buckets(student_lp_at: torch.Tensor, teacher_lp_at: torch.Tensor, mask:
 # ---------------------------------------------------------------------------- divergences
 
 
-def _kl(p_lp: torch.Tensor, q_lp: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """KL(p || q) over the last axis; masked entries contribute exactly 0 (and no NaN gradient)."""
-    if mask is None:
-        return (p_lp.exp() * (p_lp - q_lp)).sum(-1)
-    p = p_lp.exp().masked_fill(~mask, 0.0)
-    diff = (p_lp - q_lp).masked_fill(~mask, 0.0)
-    return (p * diff).sum(-1)
-
-
 def bucket_divergence(student_lp: torch.Tensor, teacher_lp: torch.Tensor, divergence: str, beta: float,
                       mask: torch.Tensor | None = None) -> torch.Tensor:
     """The divergence between two normalised distributions over the last axis. [..., B] -> [...].
@@ -222,13 +213,13 @@ def bucket_divergence(student_lp: torch.Tensor, teacher_lp: torch.Tensor, diverg
     itself tends to 0 at both ends (as beta KL(T || S) near 0), so the ends are the two KLs.
     """
     if divergence == "reverse" or (divergence == "jsd" and beta == 1.0):
-        return _kl(student_lp, teacher_lp, mask)
+        return masked_kl(student_lp, teacher_lp, mask)
     if divergence == "forward" or (divergence == "jsd" and beta == 0.0):
-        return _kl(teacher_lp, student_lp, mask)
+        return masked_kl(teacher_lp, student_lp, mask)
     if divergence != "jsd":
         raise ValueError(f"divergence must be forward, reverse or jsd, got {divergence!r}")
     mixture = torch.logaddexp(teacher_lp + math.log(beta), student_lp + math.log1p(-beta))
-    return beta * _kl(teacher_lp, mixture, mask) + (1 - beta) * _kl(student_lp, mixture, mask)
+    return beta * masked_kl(teacher_lp, mixture, mask) + (1 - beta) * masked_kl(student_lp, mixture, mask)
 
 
 def sampled_estimate(log_ratio: torch.Tensor, divergence: str, beta: float, estimator: str) -> torch.Tensor:
@@ -289,7 +280,22 @@ def discounted_returns(rewards: torch.Tensor, lengths: list[int], gamma: float) 
 # ---------------------------------------------------------------------------- the loss
 
 
-def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+# ---------------------------------------------------------------------------- token reductions
+# (objectives.py uses them too: one normalisation for every objective)
+
+
+def valid_tokens(weights: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+    """[N] float valid-token mask m_t in the weights' dtype (loss_mask, or all ones)."""
+    return torch.ones_like(weights) if loss_mask is None else loss_mask.to(weights.dtype)
+
+
+def weighted_mean(per_token: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """sum_t w_t m_t l_t / max(sum_t m_t, 1): the loss of every objective. [N] x3 -> 0-d, with grad."""
+    return (weights * valid * per_token).sum() / valid.sum().clamp_min(1.0)
+
+
+def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The mean over valid tokens, detached: a metric. [N], [N] -> 0-d."""
     return ((values * valid).sum() / valid.sum().clamp_min(1.0)).detach()
 
 
@@ -305,7 +311,7 @@ def distill_loss(config: LossConfig, batch: DistillInputs) -> LossOutput:
     """The loss of `config` on `batch` (module docstring); metrics: loss, divergence, and for the
     sampled support advantage_mean / advantage_std / teacher_kl (seed 002's dispersion diagnostic)."""
     weights = batch.weights
-    valid = torch.ones_like(weights) if batch.loss_mask is None else batch.loss_mask.to(weights.dtype)
+    valid = valid_tokens(weights, batch.loss_mask)
     metrics: Metrics = {}
     if config.support in ("topk", "full"):
         if batch.student_buckets is None or batch.teacher_buckets is None:
@@ -314,7 +320,7 @@ def distill_loss(config: LossConfig, batch: DistillInputs) -> LossOutput:
         t = bucket_log_probs(batch.teacher_buckets.detach().to(s.dtype), batch.bucket_mask)
         divergence = bucket_divergence(s, t, config.divergence, config.beta, batch.bucket_mask)  # [N]
         terms = _ratio_clip(batch.student_lp, batch.sampler_lp, config.is_clip) * divergence
-        metrics["divergence"] = _masked_mean(divergence, valid)
+        metrics["divergence"] = masked_mean(divergence, valid)
     elif config.support == "sampled":
         if batch.teacher_lp is None:
             raise ValueError("support = 'sampled' needs teacher_lp")
@@ -331,21 +337,22 @@ def distill_loss(config: LossConfig, batch: DistillInputs) -> LossOutput:
             ratio = (batch.student_lp - sampler.detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
             clip = 1.0 if config.is_clip is None else (ratio.detach().clamp(max=config.is_clip) / ratio.detach())
             terms = -advantages * clip * ratio  # gradient: A min(rho, c) grad log p_S
-            mean = _masked_mean(advantages, valid)
+            mean = masked_mean(advantages, valid)
             metrics["advantage_mean"] = mean
-            metrics["advantage_std"] = _masked_mean((advantages - mean) ** 2, valid).sqrt()
+            metrics["advantage_std"] = masked_mean((advantages - mean) ** 2, valid).sqrt()
         else:
             raise ValueError(f"sampled_use must be reward or loss, got {config.sampled_use!r}")
-        metrics["divergence"] = _masked_mean(estimate.detach(), valid)
-        metrics["teacher_kl"] = _masked_mean((batch.student_lp - teacher_lp).detach(), valid)
+        metrics["divergence"] = masked_mean(estimate.detach(), valid)
+        metrics["teacher_kl"] = masked_mean((batch.student_lp - teacher_lp).detach(), valid)
     else:
         raise ValueError(f"support must be topk, full or sampled, got {config.support!r}")
-    loss = (weights * valid * terms).sum() / valid.sum().clamp_min(1.0)
+    loss = weighted_mean(terms, weights, valid)
     metrics = {"loss": loss.detach(), **metrics}
     if config.support == "topk" and config.divergence == "reverse":
         metrics["topk_kl"] = metrics["divergence"]  # the name seed 000's tables and tests use
     return LossOutput(loss, terms.detach(), metrics)
 
 
-__all__ = ["LossConfig", "DistillInputs", "LossOutput", "in_rows", "support_ids", "support_columns", "TOPK_COLUMNS", "with_tail", "topk_buckets", "bucket_log_probs",
-           "bucket_divergence", "sampled_estimate", "discounted_returns", "distill_loss"]
+__all__ = ["LossConfig", "DistillInputs", "LossOutput", "in_rows", "support_ids", "support_columns", "TOPK_COLUMNS",
+           "with_tail", "topk_buckets", "bucket_log_probs", "bucket_divergence", "sampled_estimate",
+           "discounted_returns", "valid_tokens", "weighted_mean", "masked_mean", "distill_loss"]

@@ -246,7 +246,7 @@ def default_rescale(kind: str, rescale: bool | None) -> bool:
 def spec_masks(mask, top_k: int, seed: int, step: int, lengths: Sequence[int], *, segments=None,
                teacher_lp_at_student_topk=None, advantages=None) -> list[np.ndarray]:
     """Each rollout's weights [T_i] under a spec's `[mask]` (`mask`: a MaskSpec) at step `step`
-    of run seed `seed`: what training uses (`train.steps.supervision_masks`) and replay rebuilds."""
+    of run seed `seed`: what training uses (`train.update.supervision_masks`) and replay rebuilds."""
     results = build_masks(mask.kind, lengths, fraction=mask.fraction, prefix_tokens=mask.prefix_tokens,
                           rescale=default_rescale(mask.kind, mask.rescale),
                           teacher_lp_at_student_topk=teacher_lp_at_student_topk,

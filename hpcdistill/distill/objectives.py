@@ -8,9 +8,9 @@ Shapes: N = number of response tokens in the batch (rollouts flattened), V = voc
 k = top-k size, B = number of rollouts. Every objective returns (loss, metrics): a scalar loss
 with gradient to the student, and a dict of detached 0-d tensors.
 
-Normalisation, the same everywhere: loss = sum_t w_t * l_t / max(sum_t m_t, 1), where l_t is the
-per-token term, w_t the supervision weight from `masks.build_masks` (0 outside the kept span, the
-loss-mass scale inside) and m_t the valid-token mask (`loss_mask`; None means all N tokens are
+Normalisation, the same everywhere (`loss.weighted_mean`, shared with the distill loss):
+loss = sum_t w_t * l_t / max(sum_t m_t, 1), where l_t is the per-token term, w_t the supervision
+weight from `masks.build_masks` (0 outside the kept span, the loss-mass scale inside) and m_t the valid-token mask (`loss_mask`; None means all N tokens are
 response tokens). Dividing by the valid-token count, not by sum(w), keeps the release rule's
 mass-preserving rescale (seed 002 sec. 3) visible in the gradient. Teacher (and reference /
 sampler) inputs are treated as constants: they are detached.
@@ -21,28 +21,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hpcdistill.distill.divergence import masked_kl
+from hpcdistill.distill.loss import masked_mean, valid_tokens, weighted_mean
+
 Metrics = dict[str, torch.Tensor]
-
-
-def _valid(weights: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
-    """[N] float valid-token mask (loss_mask, or all ones)."""
-    if loss_mask is None:
-        return torch.ones_like(weights, dtype=weights.dtype)
-    return loss_mask.to(weights.dtype)
-
-
-def _weighted_mean(per_token: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """sum(w * valid * x) / max(sum(valid), 1)."""
-    return (weights * valid * per_token).sum() / valid.sum().clamp_min(1.0)
-
-
-def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    return ((values * valid).sum() / valid.sum().clamp_min(1.0)).detach()
-
-
-def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) = sum_v p (log p - log q) over the last axis. [..., V] -> [...]."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def full_kl_loss(
@@ -61,14 +43,14 @@ def full_kl_loss(
     student_lp = F.log_softmax(student_logits, dim=-1)
     teacher_lp = F.log_softmax(teacher_logits.detach().to(student_lp.dtype), dim=-1)
     if direction == "reverse":
-        kl = _kl(student_lp, teacher_lp)
+        kl = masked_kl(student_lp, teacher_lp)
     elif direction == "forward":
-        kl = _kl(teacher_lp, student_lp)
+        kl = masked_kl(teacher_lp, student_lp)
     else:
         raise ValueError(f"direction must be 'reverse' or 'forward', got {direction!r}")
-    valid = _valid(weights, loss_mask)
-    loss = _weighted_mean(kl, weights, valid)
-    return loss, {"loss": loss.detach(), f"{direction}_kl": _masked_mean(kl, valid)}
+    valid = valid_tokens(weights, loss_mask)
+    loss = weighted_mean(kl, weights, valid)
+    return loss, {"loss": loss.detach(), f"{direction}_kl": masked_mean(kl, valid)}
 
 
 def _policy_gradient(
@@ -83,7 +65,7 @@ def _policy_gradient(
         surrogate = advantages * student_lp  # gradient A * grad log p
     else:
         surrogate = advantages * torch.exp(student_lp - sampler_lp.detach())  # importance sampling
-    return -_weighted_mean(surrogate, weights, valid)
+    return -weighted_mean(surrogate, weights, valid)
 
 
 def exopd_advantage_loss(
@@ -109,9 +91,9 @@ def exopd_advantage_loss(
     current = student_lp.detach()
     reference = current if reference_lp is None else reference_lp.detach().to(current.dtype)
     advantages = alpha * (teacher_lp.detach().to(current.dtype) - reference) - (current - reference)
-    valid = _valid(weights, loss_mask)
+    valid = valid_tokens(weights, loss_mask)
     loss = _policy_gradient(student_lp, advantages, weights, sampler_lp, valid)
-    return loss, {"loss": loss.detach(), "advantage_mean": _masked_mean(advantages, valid)}
+    return loss, {"loss": loss.detach(), "advantage_mean": masked_mean(advantages, valid)}
 
 
 def sequence_full_reward_advantages(
@@ -133,7 +115,7 @@ def sequence_full_reward_advantages(
     full_reward_i = adv_tau r_i + teacher_tau sum_t lp_T - student_tau sum_t lp_inference
     (sums over valid tokens) and advantage_i = full_reward_i - mean of its group.
     """
-    valid = _valid(teacher_lp, loss_mask)
+    valid = valid_tokens(teacher_lp, loss_mask)
     num_seqs = task_reward.shape[0]
     per_token = (teacher_tau * teacher_lp - student_tau * inference_lp) * valid
     full_reward = adv_tau * task_reward + torch.zeros(num_seqs, dtype=per_token.dtype).index_add(
@@ -197,7 +179,7 @@ def context_distill_loss(
     exp(mean_t log ratio_t), averaged over sequences), teacher_kl (mean over valid tokens of
     lp_S - lp_T, the sampled KL(student || teacher) estimate; prime-rl logs the opposite sign).
     """
-    valid = _valid(student_lp, loss_mask)
+    valid = valid_tokens(student_lp, loss_mask)
     weights = torch.ones_like(student_lp) if weights is None else weights.to(student_lp.dtype)
     current = student_lp.detach()
     teacher_lp = teacher_lp.detach().to(current.dtype)
@@ -227,10 +209,10 @@ def context_distill_loss(
     geo_seq_ratio = (seq_log_ratio / seq_tokens.clamp_min(1.0)).exp()
     return loss, {
         "loss": loss.detach(),
-        "is_masked": _masked_mean(is_masked.to(valid.dtype), valid),
+        "is_masked": masked_mean(is_masked.to(valid.dtype), valid),
         "geo_seq_ratio": geo_seq_ratio.mean().detach(),
-        "teacher_kl": _masked_mean(current - teacher_lp, valid),
-        "advantage_mean": _masked_mean(advantages, valid),
+        "teacher_kl": masked_mean(current - teacher_lp, valid),
+        "advantage_mean": masked_mean(advantages, valid),
     }
 
 
@@ -246,13 +228,13 @@ def sft_loss(
     """
     log_probs = F.log_softmax(student_logits, dim=-1)
     nll = -log_probs.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)  # [N]
-    valid = _valid(weights, loss_mask)
-    loss = _weighted_mean(nll, weights, valid)
+    valid = valid_tokens(weights, loss_mask)
+    loss = weighted_mean(nll, weights, valid)
     accuracy = (student_logits.argmax(-1) == target_ids).to(valid.dtype)
     return loss, {
         "loss": loss.detach(),
-        "nll": _masked_mean(nll, valid),
-        "token_accuracy": _masked_mean(accuracy, valid),
+        "nll": masked_mean(nll, valid),
+        "token_accuracy": masked_mean(accuracy, valid),
     }
 
 

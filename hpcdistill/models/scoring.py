@@ -73,7 +73,7 @@ def _decoder(model):
     return decoder if decoder is not None else model.model
 
 
-def _project(model, hidden: torch.Tensor) -> torch.Tensor:
+def project(model, hidden: torch.Tensor) -> torch.Tensor:
     """lm_head on hidden states [C, H] -> logits [C, V], as the model's own forward would."""
     logits = model.get_output_embeddings()(hidden)
     cap = getattr(model.config, "final_logit_softcapping", None)
@@ -125,10 +125,10 @@ class TeacherLogits:
     def chunk(self, c0: int, c1: int) -> torch.Tensor:
         if len(self.parts) == 1 and self.parts[0][1] == 1.0:  # a plain teacher: no [C, V] copy
             model, _, hidden = self.parts[0]
-            return _project(model, hidden[c0:c1]).float()
+            return project(model, hidden[c0:c1]).float()
         out = None
         for model, weight, hidden in self.parts:
-            logits = _project(model, hidden[c0:c1]).float()
+            logits = project(model, hidden[c0:c1]).float()
             out = logits.mul_(weight) if out is None else out.add_(logits, alpha=weight)
         return out
 
@@ -199,7 +199,7 @@ def _score_chunk(student: ModelHandle, hs: torch.Tensor, teacher: TeacherLogits,
     """All scores for C positions from c0. hs: [C, H] student hidden states; s_tok, t_tok: [C]
     -> dict of [C] / [C, k] arrays. The logits are projected here, so each [C, V] temporary is
     freed as soon as its log-softmax exists."""
-    ls = log_softmax_fp32(_project(student.model, hs))  # [C, V] float32
+    ls = log_softmax_fp32(project(student.model, hs))  # [C, V] float32
     lt = log_softmax_fp32(teacher.chunk(c0, c0 + hs.shape[0])).to(ls.device)  # [C, V] float32
     ps = ls.exp()  # [C, V], shared by the student entropy and the full KL
     ids = torch.topk(ls, k, dim=-1).indices  # [C, k], descending
@@ -254,4 +254,4 @@ def _empty(k: int, full_vocab: bool, token_sets=None) -> TokenScores:
                                    for side in ("student", "teacher")} if token_sets else None)
 
 
-__all__ = ["TokenScores", "TeacherLogits", "score_rollouts", "response_hidden", "topk_overlap"]
+__all__ = ["TokenScores", "TeacherLogits", "score_rollouts", "response_hidden", "project", "topk_overlap"]

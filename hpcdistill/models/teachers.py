@@ -7,7 +7,7 @@
     trust_region  logits lerp(initial, live, mix) = (1 - mix) z_initial + mix z_live
                   (SDPO's TrustRegionTeacher: the initial and the current model mixed, in logit space)
 
-A frozen separate teacher (model.teacher = "<id>") is loaded by `train.loop.load_models`.
+A frozen separate teacher (model.teacher = "<id>") is loaded by `train.roles.load_models`.
 The copies are made from the student before LoRA or a trainer strategy wraps it, so they hold
 plain weights under the base model's parameter names.
 """

@@ -1,15 +1,6 @@
-"""Rollouts on vLLM: its OpenAI-compatible server as a child process, sampled over HTTP.
-
-vLLM lives in its own Python (it pins torch and transformers versions of its own), so the server
-runs as a separate process started with that interpreter: `rollout.vllm_python` in the spec,
-overridden by `$HPCDISTILL_VLLM_PYTHON` (see `resolve_vllm_python`). This module only speaks HTTP
-and never imports vllm.
-
-Lifecycle (`VLLMServer`): a free port (bound to 0 by the OS, so array tasks sharing a node never
-collide), its own process group (the API server spawns an engine-core and a worker process; we kill
-the whole group), `/health` polled with a timeout, and shutdown on every exit path: the `with` block
-ending normally or by an exception, SIGTERM / SIGUSR2 (Slurm's and submitit's preemption signals:
-the server is killed first, then the previous handler runs), and atexit.
+"""Rollouts on vLLM: its OpenAI-compatible server (`models.vllm_server`) sampled over HTTP, one
+completions request per (prompt, sample), each answer mapped to a `Generation` with the semantics
+of `generation.generate`.
 
 Log-probabilities: the server is started with `--logprobs-mode raw_logprobs` (vLLM 0.32's default,
 set explicitly): the log-prob vLLM reports for a sampled token is log p under the raw model at
@@ -21,35 +12,15 @@ server, so `sampler_lp` (log q under the distribution actually sampled from) is 
   renormalised after temperature, top-k and top-p (`generation.sampling_logprobs`). That is exact
   when 1 <= top_k <= max_logprobs (every token that can be sampled is in the list) and an
   approximation otherwise (the tail beyond the list is dropped from the normaliser).
-
-Weight sync (`VLLMServer.load_weights`): the server runs with `VLLM_SERVER_DEV_MODE=1`, bound to
-127.0.0.1, which enables `/collective_rpc`; we call the workers' `reload_weights(weights_path=DIR)`
-(in place, about 1 s for SmolLM2-135M on CPU), reset the prefix cache (cached KV blocks were
-computed with the old weights) and set vLLM's own weight version (`/update_weight_version`,
-readable at `/weight_info`). Where that endpoint is missing (older vLLM) the server is restarted on
-the new directory. LoRA adapters are loaded at run time with `/v1/load_lora_adapter`
-(`VLLMServer(..., lora_max_rank=R)`).
 """
 
 from __future__ import annotations
 
-import atexit
-import json
 import logging
-import os
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -58,373 +29,61 @@ from tqdm.auto import tqdm
 
 from hpcdistill.errors import ModelError
 from hpcdistill.models.generation import Generation, sample_seed, sampling_logprobs
+# resolve_vllm_python: imported from here by the loop, with the server
+from hpcdistill.models.vllm_server import VLLMServer, resolve_vllm_python
 
 log = logging.getLogger(__name__)
 
-ENV_VLLM_PYTHON = "HPCDISTILL_VLLM_PYTHON"
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
-LOG_TAIL_LINES = 40
-SHUTDOWN_GRACE_S = 15.0
-
-
-def resolve_vllm_python(configured: str = "python3") -> str:
-    """The interpreter that runs vLLM: `$HPCDISTILL_VLLM_PYTHON` if set, else the spec's value."""
-    return os.environ.get(ENV_VLLM_PYTHON) or configured
-
-
-def vllm_importable(python: str) -> bool:
-    """Whether `python -c "import vllm"` succeeds (a few seconds: vllm imports torch)."""
-    try:
-        done = subprocess.run([python, "-c", "import vllm"], capture_output=True, timeout=120)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago: bind to port 0 and let the OS choose."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def _cuda_visible() -> bool:
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
-        return False
-    return bool(torch.cuda.is_available())
-
-
-def model_stop_token_ids(model_dir: str | os.PathLike) -> tuple[int, ...]:
-    """Stop tokens of a checkpoint directory, by the same rule as `loading.stop_token_ids`."""
-    from transformers import AutoTokenizer, GenerationConfig
-
-    from hpcdistill.models.loading import stop_token_ids
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    try:
-        gen_config = GenerationConfig.from_pretrained(str(model_dir), local_files_only=True)
-    except OSError:  # no generation_config.json
-        gen_config = None
-    return stop_token_ids(tokenizer, SimpleNamespace(generation_config=gen_config))
-
-
-class VLLMServer:
-    """vLLM's OpenAI-compatible server on a free local port; use as a context manager.
-
-    `weight_version` is the training step whose weights the server holds (0 = the initial
-    weights); the caller stores it with every rollout it samples.
-    """
-
-    def __init__(self, model_dir: str | os.PathLike, *, python: str, dtype: str = "float32",
-                 port: int | None = None, max_logprobs: int = 20, startup_timeout_s: float = 300,
-                 extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None,
-                 log_path: str | os.PathLike | None = None, host: str = "127.0.0.1",
-                 served_model_name: str = "policy", lora_max_rank: int | None = None,
-                 request_timeout_s: float = 1800, weight_version: int = 0):
-        self.model_dir = Path(model_dir)
-        self.python = python
-        self.dtype = dtype
-        self.requested_port = port
-        self.max_logprobs = max_logprobs
-        self.startup_timeout_s = startup_timeout_s
-        self.extra_args = tuple(extra_args)
-        self.extra_env = dict(env or {})
-        self.host = host
-        self.served_model_name = served_model_name
-        self.lora_max_rank = lora_max_rank
-        self.request_timeout_s = request_timeout_s
-        self.weight_version = weight_version
-        self.model_name = served_model_name  # what requests ask for: the base, or a LoRA adapter
-        self.port: int | None = None
-        self.startup_s: float | None = None
-        self.last_sync: tuple[str, float] | None = None  # (method, seconds) of the last load_weights
-        if log_path is None:
-            fd, name = tempfile.mkstemp(prefix="hpcdistill-vllm-", suffix=".log")
-            os.close(fd)
-            log_path = name
-        self.log_path = Path(log_path)
-        self._proc: subprocess.Popen | None = None
-        self._previous_handlers: dict[int, Any] = {}
-        self._stop_lock = threading.RLock()  # re-entered by a signal arriving mid-stop
-        self._stop_tokens: tuple[int, ...] | None = None
-
-    # ---------------------------------------------------------------------------------------------
-    # lifecycle
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    def __enter__(self) -> VLLMServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.stop()
-
-    def command(self, port: int) -> list[str]:
-        cmd = [self.python, "-m", "vllm.entrypoints.openai.api_server",
-               "--model", str(self.model_dir), "--served-model-name", self.served_model_name,
-               "--host", self.host, "--port", str(port), "--dtype", self.dtype, "--enforce-eager",
-               "--max-logprobs", str(self.max_logprobs), "--logprobs-mode", "raw_logprobs"]
-        if self.lora_max_rank is not None:
-            cmd += ["--enable-lora", "--max-lora-rank", str(self.lora_max_rank), "--max-loras", "1"]
-        return cmd + list(self.extra_args)
-
-    def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
-        if not _cuda_visible():
-            env.update(VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="2")
-        # Dev mode enables /collective_rpc (weight reload) and /reset_prefix_cache; the server
-        # listens on the loopback address only.
-        env.update(VLLM_SERVER_DEV_MODE="1", VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
-        env.update(self.extra_env)
-        return env
-
-    def start(self) -> VLLMServer:
-        """Start the server and wait for `/health`; raises ModelError if it does not come up."""
-        if self._proc is not None:
-            raise RuntimeError("this VLLMServer is already running")
-        attempts = 1 if self.requested_port else 3  # a chosen free port can be taken meanwhile
-        for attempt in range(attempts):
-            port = self.requested_port or free_port(self.host)
-            try:
-                self._start_on(port)
-                return self
-            except ModelError:
-                if attempt + 1 < attempts and "address already in use" in self.log_tail().lower():
-                    log.warning("port %d was taken before vLLM bound it; trying another", port)
-                    continue
-                raise
-        raise AssertionError("unreachable")
-
-    def _start_on(self, port: int) -> None:
-        t0 = time.monotonic()
-        self.port = port
-        cmd = self.command(port)
-        with open(self.log_path, "ab") as log_file:
-            log_file.write(f"\n# hpcdistill: {' '.join(cmd)}\n".encode())
-            log_file.flush()
-            try:
-                self._proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
-                                              stdin=subprocess.DEVNULL, env=self.environment(),
-                                              start_new_session=True)  # own process group
-            except OSError as exc:
-                self._proc = None
-                raise ModelError(f"cannot start the vLLM server with python {self.python!r}: {exc}. "
-                                 f"Set rollout.vllm_python or ${ENV_VLLM_PYTHON} to a Python "
-                                 "that has vllm installed (docs/vllm.md)") from exc
-        self._install_handlers()
-        atexit.register(self.stop)
-        log.info("vLLM server starting on %s (pid %d, log %s)", self.url, self._proc.pid, self.log_path)
-        deadline = t0 + self.startup_timeout_s
-        while True:
-            code = self._proc.poll()
-            if code is not None:
-                self.stop()
-                raise ModelError(f"the vLLM server for {self.model_dir} exited with code {code} "
-                                 f"during startup. Last lines of {self.log_path}:\n{self.log_tail()}")
-            if self._healthy():
-                break
-            if time.monotonic() > deadline:
-                self.stop()
-                raise ModelError(f"the vLLM server for {self.model_dir} did not answer /health on "
-                                 f"{self.url} within {self.startup_timeout_s:.0f} s. Last lines of "
-                                 f"{self.log_path}:\n{self.log_tail()}")
-            time.sleep(0.5)
-        self.startup_s = time.monotonic() - t0
-        self._set_remote_version()
-        log.info("vLLM server healthy on %s after %.1f s", self.url, self.startup_s)
-
-    def _healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
-                return resp.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def stop(self) -> None:
-        """Terminate the server's whole process group (SIGTERM, then SIGKILL after a grace period).
-        Safe to call more than once and from a signal handler."""
-        with self._stop_lock:
-            proc, self._proc = self._proc, None
-            self._restore_handlers()
-            atexit.unregister(self.stop)
-            if proc is None:
-                return
-            pgid = proc.pid  # start_new_session: the server leads its own group
-            _signal_group(pgid, signal.SIGTERM)
-            deadline = time.monotonic() + SHUTDOWN_GRACE_S
-            while time.monotonic() < deadline:
-                proc.poll()
-                if proc.returncode is not None and not _group_alive(pgid):
-                    break
-                time.sleep(0.1)
-            else:
-                log.warning("vLLM server group %d did not stop within %.0f s; killing it",
-                            pgid, SHUTDOWN_GRACE_S)
-                _signal_group(pgid, signal.SIGKILL)
-                proc.wait()
-            log.info("vLLM server on port %s stopped", self.port)
-
-    def _install_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread; atexit still applies
-        for sig in PREEMPTION_SIGNALS:
-            self._previous_handlers[sig] = signal.getsignal(sig)
-            signal.signal(sig, self._on_signal)
-
-    def _restore_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig, previous in self._previous_handlers.items():
-            if signal.getsignal(sig) == self._on_signal:  # unless someone replaced ours since
-                signal.signal(sig, previous)
-        self._previous_handlers.clear()
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        previous = self._previous_handlers.get(signum, signal.SIG_DFL)
-        log.warning("signal %d: stopping the vLLM server before passing it on", signum)
-        self.stop()
-        if callable(previous):
-            previous(signum, frame)  # e.g. submitit's checkpoint-and-requeue handler
-        elif previous == signal.SIG_DFL:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.rstrip().splitlines()[-lines:])
-
-    # ---------------------------------------------------------------------------------------------
-    # HTTP
-
-    def request(self, path: str, body: Any = None, *, timeout: float | None = None) -> Any:
-        """GET (body None) or POST JSON to the server; returns the decoded JSON (None if empty)."""
-        if not self.running():
-            raise ModelError(f"the vLLM server is not running. Last lines of {self.log_path}:\n"
-                             f"{self.log_tail()}")
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout or self.request_timeout_s) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")[:2000]
-            raise ModelError(f"vLLM server: {path} answered HTTP {exc.code}: {detail}") from exc
-        except (urllib.error.URLError, OSError) as exc:
-            alive = "running" if self.running() else "no longer running"
-            raise ModelError(f"vLLM server: {path} failed ({exc}); the server is {alive}. Last "
-                             f"lines of {self.log_path}:\n{self.log_tail()}") from exc
-        return json.loads(raw) if raw.strip() else None
-
-    @property
-    def stop_token_ids(self) -> tuple[int, ...]:
-        if self._stop_tokens is None:
-            self._stop_tokens = model_stop_token_ids(self.model_dir)
-        return self._stop_tokens
-
-    # ---------------------------------------------------------------------------------------------
-    # weight sync
-
-    def _set_remote_version(self) -> None:
-        try:
-            self.request("/update_weight_version", {"new_version": str(self.weight_version)})
-        except ModelError:  # an older vLLM without the endpoint: our own record is what counts
-            log.debug("vLLM server has no /update_weight_version")
-
-    def load_weights(self, model_dir: str | os.PathLike, version: int, *,
-                     method: str = "auto") -> float:
-        """Serve the full weights saved in `model_dir` (same architecture) from now on, as
-        weight version `version`. method: "reload" (in place through /collective_rpc),
-        "restart" (a new server on the new directory) or "auto" (reload, else restart).
-        Call between rollouts, not while requests are in flight. Returns the seconds it took."""
-        if method not in ("auto", "reload", "restart"):
-            raise ValueError(f"method must be auto, reload or restart, not {method!r}")
-        t0 = time.monotonic()
-        model_dir = Path(model_dir)
-        used = method
-        if method in ("auto", "reload"):
-            try:
-                self.request("/collective_rpc", {"method": "reload_weights",
-                                                 "kwargs": {"weights_path": str(model_dir)}})
-                self.request("/reset_prefix_cache", {})
-                used = "reload"
-            except ModelError as exc:
-                if method == "reload" or not self.running():
-                    raise
-                log.warning("in-place weight reload failed (%s); restarting the server", exc)
-                used = "restart"
-        if used == "restart":
-            self.stop()
-            self.model_dir = model_dir
-            self.weight_version = version
-            self.start()
-        self.model_dir = model_dir
-        self.weight_version = version
-        self.model_name = self.served_model_name
-        self._set_remote_version()
-        seconds = time.monotonic() - t0
-        self.last_sync = (used, seconds)
-        log.info("vLLM server now serves %s as weight version %d (%s, %.2f s)",
-                 model_dir, version, used, seconds)
-        return seconds
-
-    def load_lora(self, adapter_dir: str | os.PathLike, version: int) -> float:
-        """Serve base weights + the PEFT adapter in `adapter_dir` as weight version `version`
-        (needs `lora_max_rank`). The previous adapter is unloaded."""
-        if self.lora_max_rank is None:
-            raise ModelError("load_lora needs a server started with lora_max_rank=R (--enable-lora)")
-        t0 = time.monotonic()
-        name = f"{self.served_model_name}-v{version}"
-        self.request("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(adapter_dir)})
-        previous = self.model_name
-        self.model_name, self.weight_version = name, version
-        if previous != self.served_model_name:
-            self.request("/v1/unload_lora_adapter", {"lora_name": previous})
-        self._set_remote_version()
-        seconds = time.monotonic() - t0
-        self.last_sync = ("lora", seconds)
-        return seconds
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 # -------------------------------------------------------------------------------------------------
-# sampling
+# one request and its answer (plain functions: no server needed)
 
 
-def _token_id(key: str) -> int:
+def sampler_is_raw(temperature: float, top_p: float, top_k: int) -> bool:
+    """q = p: temperature 1 without truncation, so sampler_lp is the raw log-prob itself."""
+    return temperature == 1 and top_p >= 1 and top_k == 0
+
+
+def needs_candidates(temperature: float, top_p: float, top_k: int) -> bool:
+    """Whether sampler_lp is derived from the top log-probs of each position (module docstring)."""
+    return temperature > 0 and not sampler_is_raw(temperature, top_p, top_k)
+
+
+def forced_prefix(prefix: Sequence[int], max_new_tokens: int, stop: tuple[int, ...]
+                  ) -> tuple[list[int], int | None, int]:
+    """A forced prefix cut where generate() would stop: at its first stop token or at
+    max_new_tokens. Returns (prefix, index of its stop token or None, tokens left to sample)."""
+    prefix = list(prefix[:max_new_tokens])
+    prefix_stops = next((k for k, t in enumerate(prefix) if t in stop), None)
+    if prefix_stops is not None:
+        prefix = prefix[:prefix_stops + 1]
+    remaining = max_new_tokens - len(prefix) if prefix_stops is None else 0
+    return prefix, prefix_stops, remaining
+
+
+def completion_request(model_name: str, prompt: list[int], prefix: list[int], seed: int, *,
+                       remaining: int, temperature: float, top_p: float, top_k: int, num_top: int,
+                       stop: tuple[int, ...]) -> dict[str, Any]:
+    """The /v1/completions body: the prompt with the forced prefix appended, `num_top` top
+    log-probs per sampled position (and per prefix position, as prompt log-probs)."""
+    body: dict[str, Any] = {
+        "model": model_name, "prompt": list(prompt) + prefix,
+        "max_tokens": max(remaining, 1), "temperature": temperature, "top_p": top_p,
+        "top_k": top_k, "seed": seed, "logprobs": num_top, "stop_token_ids": list(stop),
+        "return_token_ids": True, "return_tokens_as_token_ids": True, "skip_special_tokens": False,
+    }
+    if prefix:
+        body["prompt_logprobs"] = num_top
+    return body
+
+
+def token_id(key: str) -> int:
+    """A token of a top-log-probs entry: "token_id:123" (return_tokens_as_token_ids) or "123"."""
     return int(key.split(":", 1)[1]) if key.startswith("token_id:") else int(key)
 
 
-def _derived_sampler_lp(candidates: dict[int, float], token: int, temperature: float,
-                        top_p: float, top_k: int) -> float:
+def derived_sampler_lp(candidates: dict[int, float], token: int, temperature: float,
+                       top_p: float, top_k: int) -> float:
     """log q(token) from the raw log-probs of a candidate list (top-N plus the token itself)."""
     ids = list(candidates)
     raw = torch.tensor([[candidates[i] for i in ids]], dtype=torch.float32)  # [1, N]
@@ -432,34 +91,16 @@ def _derived_sampler_lp(candidates: dict[int, float], token: int, temperature: f
     return float(q[0, ids.index(token)])
 
 
-def _one(server: VLLMServer, prompt: list[int], prefix: list[int], seed: int, *,
-         max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-         stop: tuple[int, ...]) -> Generation:
-    # A forced prefix stops where generate() would: at its first stop token or at max_new_tokens.
-    prefix = list(prefix[:max_new_tokens])
-    prefix_stops = next((k for k, t in enumerate(prefix) if t in stop), None)
-    if prefix_stops is not None:
-        prefix = prefix[:prefix_stops + 1]
-    remaining = max_new_tokens - len(prefix) if prefix_stops is None else 0
-    q_is_p = temperature == 1 and top_p >= 1 and top_k == 0
-    derive = temperature > 0 and not q_is_p
-    num_top = server.max_logprobs if derive else 0
-    body: dict[str, Any] = {
-        "model": server.model_name, "prompt": list(prompt) + prefix,
-        "max_tokens": max(remaining, 1), "temperature": temperature, "top_p": top_p,
-        "top_k": top_k, "seed": seed, "logprobs": num_top, "stop_token_ids": list(stop),
-        "return_token_ids": True, "return_tokens_as_token_ids": True, "skip_special_tokens": False,
-    }
-    if prefix:
-        body["prompt_logprobs"] = num_top
-    choice = server.request("/v1/completions", body)["choices"][0]
-
+def generation_from_choice(choice: dict[str, Any], prompt: list[int], prefix: list[int],
+                           prefix_stops: int | None, remaining: int, *, temperature: float,
+                           top_p: float, top_k: int) -> Generation:
+    """The Generation of one answered request (`choice`: the answer's choices[0])."""
     tokens: list[int] = []
     raw_lp: list[float] = []
     candidates: list[dict[int, float]] = []
     if prefix:
         for entry, token in zip(choice["prompt_logprobs"][-len(prefix):], prefix):
-            cands = {_token_id(k): float(v["logprob"]) for k, v in entry.items()}
+            cands = {token_id(k): float(v["logprob"]) for k, v in entry.items()}
             tokens.append(token)
             raw_lp.append(cands[token])
             candidates.append(cands)
@@ -469,7 +110,7 @@ def _one(server: VLLMServer, prompt: list[int], prefix: list[int], seed: int, *,
         tokens += out_ids
         raw_lp += [float(x) for x in lps["token_logprobs"]]
         for token, lp, top in zip(out_ids, lps["token_logprobs"], lps["top_logprobs"] or []):
-            cands = {_token_id(k): float(v) for k, v in (top or {}).items()}
+            cands = {token_id(k): float(v) for k, v in (top or {}).items()}
             cands[token] = float(lp)
             candidates.append(cands)
         finish = choice["finish_reason"]
@@ -481,14 +122,30 @@ def _one(server: VLLMServer, prompt: list[int], prefix: list[int], seed: int, *,
     sampled_lp = np.asarray(raw_lp, dtype=np.float32)
     if temperature == 0:
         sampler_lp = np.zeros_like(sampled_lp)  # a point mass, as in generate()
-    elif q_is_p:
+    elif sampler_is_raw(temperature, top_p, top_k):
         sampler_lp = sampled_lp.copy()
     else:
-        sampler_lp = np.asarray([_derived_sampler_lp(c, t, temperature, top_p, top_k)
+        sampler_lp = np.asarray([derived_sampler_lp(c, t, temperature, top_p, top_k)
                                  for c, t in zip(candidates, tokens)], dtype=np.float32)
     return Generation(prompt_ids=list(prompt), response_ids=np.asarray(tokens, dtype=np.int64),
                       sampled_lp=sampled_lp, sampler_lp=sampler_lp, finish_reason=finish,
                       num_prefix_tokens=min(len(prefix), len(tokens)))
+
+
+# -------------------------------------------------------------------------------------------------
+# sampling
+
+
+def _one(server: VLLMServer, prompt: list[int], prefix: list[int], seed: int, *,
+         max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+         stop: tuple[int, ...]) -> Generation:
+    prefix, prefix_stops, remaining = forced_prefix(prefix, max_new_tokens, stop)
+    num_top = server.max_logprobs if needs_candidates(temperature, top_p, top_k) else 0
+    body = completion_request(server.model_name, prompt, prefix, seed, remaining=remaining,
+                              temperature=temperature, top_p=top_p, top_k=top_k, num_top=num_top, stop=stop)
+    choice = server.request("/v1/completions", body)["choices"][0]
+    return generation_from_choice(choice, prompt, prefix, prefix_stops, remaining,
+                                  temperature=temperature, top_p=top_p, top_k=top_k)
 
 
 def generate_vllm(server: VLLMServer, prompt_ids: list[list[int]], *, n: int, max_new_tokens: int,
@@ -508,8 +165,7 @@ def generate_vllm(server: VLLMServer, prompt_ids: list[list[int]], *, n: int, ma
         raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, "
                          f"top_k={top_k}, n={n}, max_new_tokens={max_new_tokens}")
     stop = tuple(stop_token_ids) if stop_token_ids is not None else server.stop_token_ids
-    if temperature > 0 and not (temperature == 1 and top_p >= 1 and top_k == 0) \
-            and not 1 <= top_k <= server.max_logprobs:
+    if needs_candidates(temperature, top_p, top_k) and not 1 <= top_k <= server.max_logprobs:
         log.info("sampler_lp is derived from the top %d log-probs (approximate for temperature=%g "
                  "top_p=%g top_k=%d); see docs/vllm.md", server.max_logprobs, temperature, top_p, top_k)
     jobs = [(i, j) for i in range(len(prompt_ids)) for j in range(n)]
@@ -535,5 +191,5 @@ def generate_vllm(server: VLLMServer, prompt_ids: list[list[int]], *, n: int, ma
     return results  # type: ignore[return-value]
 
 
-__all__ = ["VLLMServer", "generate_vllm", "free_port", "resolve_vllm_python", "vllm_importable",
-           "model_stop_token_ids", "ENV_VLLM_PYTHON"]
+__all__ = ["generate_vllm", "completion_request", "generation_from_choice", "forced_prefix", "needs_candidates",
+           "sampler_is_raw", "derived_sampler_lp", "token_id", "VLLMServer", "resolve_vllm_python"]

@@ -4,11 +4,17 @@ A shard is read only if it opens, carries a schema version this reader knows, sa
 and is structurally consistent (every column as long as its table; rollouts back to back and
 covering tokens/* exactly). Anything else is a ShardError naming the file and the reason;
 iter_shards logs it as a WARNING and skips the file, so analysis never averages it in.
+
+`ShardReader.spec` is the run's validated `Spec` (attrs/spec_toml through the spec validator, so
+every default is the schema's, not a reader's guess); a shard whose spec no longer validates is a
+ShardError like a corrupt one, and `iter_shards(..., spec=True)` skips it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import tomllib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +23,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from hpcdistill.errors import ShardError
+from hpcdistill.errors import ShardError, SpecError
 from hpcdistill.record.schema import KINDS, READABLE_VERSIONS, ROLLOUT_COLUMNS, TOKEN_COLUMNS
+from hpcdistill.spec.load import validate
+from hpcdistill.spec.schema import Spec
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +57,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=64)
+def _validated_spec(spec_toml: str) -> Spec:
+    """One validation per distinct spec text: a run's shards all carry the same one. A SpecError
+    (not cached) names the key and what is allowed."""
+    return validate(tomllib.loads(spec_toml), {}, "attrs/spec_toml")
+
+
 class ShardReader:
     """An open, validated shard. Context manager; `close()` when used without `with`.
 
@@ -70,6 +85,23 @@ class ShardReader:
             self._file.close()
             raise
         self._table: dict[str, np.ndarray] | None = None
+        self._spec: Spec | None = None
+
+    @property
+    def spec(self) -> Spec:
+        """The run's validated Spec, from attrs/spec_toml (cached). ShardError when the shard has
+        none or it no longer validates (a key renamed or a value no longer allowed)."""
+        if self._spec is None:
+            text = self.attrs.get("spec_toml")
+            if not text:
+                raise _error(self.path, "no spec_toml attribute: not written by an hpcdistill run")
+            try:
+                self._spec = _validated_spec(str(text))
+            except tomllib.TOMLDecodeError as exc:
+                raise _error(self.path, f"attrs/spec_toml is not valid TOML ({exc})") from None
+            except SpecError as exc:
+                raise _error(self.path, f"its spec (attrs/spec_toml) no longer validates: {exc}") from None
+        return self._spec
 
     def _validate(self) -> None:
         f, path = self._file, self.path
@@ -227,13 +259,14 @@ def find_shards(paths: str | Path | Iterable[str | Path]) -> tuple[list[Path], l
 
 
 def iter_shards(paths: str | Path | Iterable[str | Path], *, skipped: list | None = None,
-                verify: bool = False) -> Iterator[ShardReader]:
+                verify: bool = False, spec: bool = False) -> Iterator[ShardReader]:
     """Open readable shards one at a time (each closed when the caller moves on).
 
     A missing, corrupt, truncated, unreadable, incomplete or unknown-version shard is logged as a
     WARNING with the file and the reason, appended to `skipped` as (path, reason), and skipped.
     `verify=True` also reads every chunk before yielding (a full extra read) to catch damage
     inside the data, which otherwise surfaces as a ShardError while the caller reads.
+    `spec=True` also validates each shard's spec (`ShardReader.spec`) and skips those it refuses.
     """
     found, missing = find_shards(paths)
     for path in missing:
@@ -245,12 +278,14 @@ def iter_shards(paths: str | Path | Iterable[str | Path], *, skipped: list | Non
             _skip(path, exc.reason, skipped)
             continue
         with reader:
-            if verify:
-                try:
+            try:
+                if verify:
                     reader.verify()
-                except ShardError as exc:
-                    _skip(path, exc.reason, skipped)
-                    continue
+                if spec:
+                    _ = reader.spec  # validated (and cached) here
+            except ShardError as exc:
+                _skip(path, exc.reason, skipped)
+                continue
             yield reader
 
 

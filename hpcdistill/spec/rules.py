@@ -15,7 +15,7 @@ import dataclasses
 import string
 from typing import Any
 
-from hpcdistill.spec.schema import Spec
+from hpcdistill.spec.schema import Spec, TrainSpec
 
 # objective name -> the keys of train it stands for (docs/objectives.md, "Presets")
 LEGACY_OBJECTIVES: dict[str, dict[str, Any]] = {
@@ -73,6 +73,19 @@ def resolve_presets(data: dict[str, Any], origins: dict[str, str]) -> tuple[dict
     for key in preset:
         origins.setdefault(f"train.{key}", origins.get("train.objective", ""))
     return {**data, "train": resolved}, errors
+
+
+def canonical_objective(objective: str) -> str:
+    """The objective `train.objective` names: 'distill' for a preset name, else the name itself."""
+    return "distill" if objective in LEGACY_OBJECTIVES else objective
+
+
+def resolve_train(train: TrainSpec) -> TrainSpec:
+    """`train` as the loader leaves it: a preset name becomes objective = 'distill' with the
+    preset's keys (over the explicit ones, which the loader would have rejected if they differed).
+    A TrainSpec the loader resolved comes back as it is; one built in code (tests) is resolved."""
+    preset = LEGACY_OBJECTIVES.get(train.objective)
+    return train if preset is None else dataclasses.replace(train, **preset, objective="distill")
 
 
 def _get(spec: Spec, dotted: str) -> Any:
@@ -176,5 +189,5 @@ def benchmark_errors(spec: Spec) -> list[tuple[str, str]]:
     return errors
 
 
-__all__ = ["LEGACY_OBJECTIVES", "ONLY_WHEN", "TEMPLATE_FIELDS", "resolve_presets", "cross_errors",
-           "template_errors"]
+__all__ = ["LEGACY_OBJECTIVES", "ONLY_WHEN", "TEMPLATE_FIELDS", "resolve_presets", "canonical_objective",
+           "resolve_train", "cross_errors", "template_errors"]

@@ -18,6 +18,9 @@ from hpcdistill.distill import contexts
 from hpcdistill.models.chat import render_prompt
 from hpcdistill.spec.schema import Spec
 from hpcdistill.tasks import Problem, get_task
+from hpcdistill.train import roles
+from hpcdistill.train.collect import Verifier
+from hpcdistill.train.seeds import benchmark_stream, step_seed
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +40,10 @@ def load_benchmarks(spec: Spec) -> dict[str, list[Problem]]:
     return out
 
 
-def evaluate_benchmarks(spec: Spec, models, benchmarks: dict[str, list[Problem]], step: int) -> dict[str, float]:
+def evaluate_benchmarks(spec: Spec, models, benchmarks: dict[str, list[Problem]], step: int,
+                        verifier: Verifier | None = None) -> dict[str, float]:
     """The student alone (no teacher context) on each benchmark at each eval temperature."""
-    from hpcdistill.train.loop import sample_student, step_seed
-
-    task = get_task(spec.task.name)
+    verifier = verifier or Verifier.of(spec)
     tok = models.student.tokenizer
     max_new_tokens = spec.eval.max_new_tokens or spec.rollout.max_new_tokens
     metrics: dict[str, float] = {}
@@ -49,11 +51,11 @@ def evaluate_benchmarks(spec: Spec, models, benchmarks: dict[str, list[Problem]]
         problems = benchmarks[bench.label]
         prompts = [render_prompt(tok, contexts.student_messages(p, spec.rollout.system_prompt)) for p in problems]
         for index, temperature in enumerate(spec.eval.temperatures):
-            gens = sample_student(spec, models, prompts, seed=step_seed(spec.seeds[0], step, 200 + 10 * b + index),
-                                  temperature=temperature, n=bench.samples or spec.eval.samples,
-                                  max_new_tokens=max_new_tokens)
-            verdicts = [task.verify(p, tok.decode(g.response_ids, skip_special_tokens=True),
-                                    timeout_s=spec.task.timeout_s, memory_mb=spec.task.memory_mb)
+            gens = roles.sample_student(spec, models, prompts, seed=step_seed(spec.seeds[0], step,
+                                                                              benchmark_stream(b, index)),
+                                        temperature=temperature, n=bench.samples or spec.eval.samples,
+                                        max_new_tokens=max_new_tokens)
+            verdicts = [verifier.verify(p, tok.decode(g.response_ids, skip_special_tokens=True))
                         for p, samples in zip(problems, gens) for g in samples]
             metrics[f"eval/{bench.label}/reward@{temperature:g}"] = float(np.mean([v.reward for v in verdicts]))
             metrics[f"eval/{bench.label}/passed@{temperature:g}"] = float(np.mean([v.passed for v in verdicts]))

@@ -23,11 +23,11 @@ import numpy as np
 from hpcdistill.errors import LaunchError
 from hpcdistill.rundir import RunPaths
 from hpcdistill.models.generation import Generation
-from hpcdistill.models.scoring import score_rollouts
 from hpcdistill.record import ShardReader
 from hpcdistill.spec.schema import Spec
 from hpcdistill.tasks import Problem, Verdict
-from hpcdistill.train.loop import Item, Models, token_sets
+from hpcdistill.train.collect import ScoredRollout, Scorer
+from hpcdistill.train.roles import Models
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,12 @@ class FixedSet:
     def __init__(self, paths: RunPaths, problems: list[Problem]):
         self.paths = paths
         self.problems = {p.problem_id: p for p in problems}
-        self.items: list[Item] | None = None  # kinds fixed / fixed_regenerated
+        self.items: list[ScoredRollout] | None = None  # kinds fixed / fixed_regenerated
 
-    def measure(self, spec: Spec, models: Models, items: list[Item], step: int) -> tuple[list[Item], dict[str, float]]:
+    def measure(self, spec: Spec, models: Models, items: list[ScoredRollout], step: int,
+                scorer: Scorer | None = None) -> tuple[list[ScoredRollout], dict[str, float]]:
         """The fixed set scored at the current weights: at step 0 the step's own original and
-        regenerated items relabelled (no second forward pass); later, re-scored."""
+        regenerated items relabelled (no second forward pass); later, re-scored (`scorer`: the run's)."""
         if step == 0:
             self.items = [dataclasses.replace(it, kind=FIXED_KINDS[it.kind], weight_version=0, train_loss=None)
                           for it in items if it.kind in FIXED_KINDS]
@@ -53,28 +54,26 @@ class FixedSet:
             return list(self.items), _metrics(self.items)
         if self.items is None:
             self.items = load_fixed_items(self.paths.shard(0), models.student.tokenizer, self.problems)
-        rescored = rescore(spec, models, self.items)
+        rescored = rescore(spec, models, self.items, scorer)
         return rescored, _metrics(rescored)
 
 
-def rescore(spec: Spec, models: Models, items: list[Item]) -> list[Item]:
+def rescore(spec: Spec, models: Models, items: list[ScoredRollout], scorer: Scorer | None = None
+            ) -> list[ScoredRollout]:
     """The same (prompt, response) sequences of `items`, scored at the current weights."""
-    sc = spec.scoring
-    with models.full_parameters():
-        scores = score_rollouts(models.student, models.teacher, [it.student_seq for it in items],
-                                [it.teacher_seq for it in items], top_k=sc.top_k, full_vocab=sc.full_vocab,
-                                chunk_size=sc.chunk_size, batch_size=sc.batch_size, progress=False,
-                                token_sets=token_sets(spec, models.student.tokenizer))
+    scorer = scorer or Scorer.of(spec, models.student.tokenizer)
+    scores = scorer.score(models, [it.student_seq for it in items], [it.teacher_seq for it in items],
+                          progress=False)
     return [dataclasses.replace(it, scores=s, train_loss=None) for it, s in zip(items, scores)]
 
 
-def load_fixed_items(shard, tokenizer, problems: dict[str, Problem]) -> list[Item]:
+def load_fixed_items(shard, tokenizer, problems: dict[str, Problem]) -> list[ScoredRollout]:
     """The fixed set from step 0's shard (a resumed run): kind fixed rows give (p, s) and the
     standard teacher's prompt; fixed_regenerated rows the regen teacher's prompt and s'."""
     def encode(text: str) -> list[int]:
         return list(tokenizer.encode(text, add_special_tokens=False))
 
-    standard: dict[tuple[str, int], Item] = {}
+    standard: dict[tuple[str, int], ScoredRollout] = {}
     regen_rows = []
     with ShardReader(shard) as reader:
         for record in reader.iter_rollouts(columns=["ids"]):
@@ -90,10 +89,11 @@ def load_fixed_items(shard, tokenizer, problems: dict[str, Problem]) -> list[Ite
                                     np.full(len(ids), np.nan, np.float32), np.full(len(ids), np.nan, np.float32),
                                     "stop")
             key = (row["problem_id"], int(row["sample_idx"]))
-            item = Item(problem, int(row["sample_idx"]), row["kind"], (generation.prompt_ids, ids),
-                        (encode(row["teacher_prompt_text"]), ids), generation, str(row.get("response_text", "")),
-                        verdict, None, weight_version=0, demonstration=int(row.get("demonstration", -1)),
-                        teacher_signal=bool(row.get("teacher_signal", 1)))
+            item = ScoredRollout(problem, int(row["sample_idx"]), row["kind"], (generation.prompt_ids, ids),
+                                 (encode(row["teacher_prompt_text"]), ids), generation,
+                                 str(row.get("response_text", "")), verdict, None, weight_version=0,
+                                 demonstration=int(row.get("demonstration", -1)),
+                                 teacher_signal=bool(row.get("teacher_signal", 1)))
             if row["kind"] == "fixed":
                 standard[key] = item
             else:
@@ -108,7 +108,7 @@ def load_fixed_items(shard, tokenizer, problems: dict[str, Problem]) -> list[Ite
     return items
 
 
-def _check_round_trip(tokenizer, items: list[Item]) -> None:
+def _check_round_trip(tokenizer, items: list[ScoredRollout]) -> None:
     """A resume re-encodes the recorded prompt texts: say so now if that would not give the same ids."""
     if tokenizer is None:
         return
@@ -120,7 +120,7 @@ def _check_round_trip(tokenizer, items: list[Item]) -> None:
                 return
 
 
-def _metrics(items: list[Item]) -> dict[str, float]:
+def _metrics(items: list[ScoredRollout]) -> dict[str, float]:
     out = {}
     for kind, name in (("fixed", "fixed/topk_kl_mean"), ("fixed_regenerated", "fixed/regen_topk_kl_mean")):
         arrays = [it.scores.topk_kl for it in items if it.kind == kind]

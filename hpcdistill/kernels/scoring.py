@@ -19,7 +19,7 @@ Three implementations of the same function:
   CPU path and the reference the kernel is checked against.
 - `score_logits`: picks the kernel on CUDA tensors when triton imports and k <= 64, else the torch path.
 
-Conventions (as hpcdistill.distill.divergence): a -inf logit has probability 0 and contributes 0 to
+Conventions (as hpcdistill.kernels.reference): a -inf logit has probability 0 and contributes 0 to
 KL(p||.) and to H(p); p > 0 where q = 0 gives +inf; an all -inf row has lse -inf, entropy 0 and
 KL 0 as the p side. Ties at the k-th value: the kernel keeps the LOWEST vocabulary ids among tied
 values (rank order: value descending, then id ascending); the torch path keeps whatever
@@ -35,25 +35,18 @@ import math
 
 import torch
 
-from hpcdistill.distill.divergence import entropy_from_logprobs, kl_from_logprobs, log_softmax_fp32, slice_kl
+from hpcdistill.kernels.common import tl, triton
+from hpcdistill.kernels.reference import entropy_from_logprobs, kl_from_logprobs, log_softmax_fp32, slice_kl
+
+if triton is not None:
+    from hpcdistill.kernels.common import online_update
 
 log = logging.getLogger(__name__)
-
-try:  # triton is optional (the `gpu` extra); the torch path needs nothing beyond torch.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised where triton is absent
-    triton = None
-    tl = None
 
 MAX_FUSED_K = 64  # the on-chip top-k buffer is next_pow2(k) <= 64 registers per row
 STAT_NAMES = ("student_lse", "teacher_lse", "reverse_kl", "forward_kl", "entropy_s", "entropy_t", "topk_kl")
 SCORE_NAMES = ("student_topk_ids", "student_topk_lp", "teacher_at_student_topk_lp", "topk_kl", "full_kl",
                "entropy_s", "entropy_t", "student_lse", "teacher_lse", "reverse_kl", "forward_kl")
-
-
-def triton_available() -> bool:
-    return triton is not None
 
 
 def _check_inputs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int) -> None:
@@ -114,24 +107,6 @@ def chunked_score_torch(student_logits: torch.Tensor, teacher_logits: torch.Tens
 if triton is not None:
 
     @triton.jit
-    def _online_update(x, e_mask_d, m, z, h, g):
-        """Fold one block x [BLOCK] into the running (max m, sum z of e^(x-m), h = sum e (x-m),
-        g = sum e * d) of one side; e_mask_d is d = s - t for the block. Returns the new state."""
-        NEG: tl.constexpr = float("-inf")
-        m_new = tl.maximum(m, tl.max(x, 0))
-        shift = tl.where(m_new == NEG, 0.0, m_new)  # all -inf so far: any finite shift works
-        alpha = tl.exp(m - shift)  # 0 when m = -inf
-        e = tl.exp(x - shift)  # 0 at -inf entries (and masked tail)
-        live = e > 0
-        # Rescale h from shift m to m_new: h' = alpha * (h + (m - m_new) z); guarded when z = 0.
-        h_old = tl.where(z > 0, alpha * (h + (m - shift) * z), 0.0)
-        g_old = tl.where(alpha > 0, alpha * g, 0.0)  # g may be +-inf; alpha = 0 means "no mass yet"
-        h = h_old + tl.sum(tl.where(live, e * (x - shift), 0.0), 0)
-        g = g_old + tl.sum(tl.where(live, e * e_mask_d, 0.0), 0)
-        z = alpha * z + tl.sum(e, 0)
-        return m_new, z, h, g
-
-    @triton.jit
     def _fused_score_kernel(
         S, T, stride_s, stride_t, V, k,
         IDS, SLP, TLP, STATS,  # [rows, k] int64, [rows, k] f32, [rows, k] f32, [rows, 7] f32
@@ -164,8 +139,8 @@ if triton is not None:
             t = tl.load(t_row + cols, mask=inb, other=NEG).to(tl.float32)
             d = s - t  # NaN where both are -inf; only used where the side's e > 0
             bmax_s = tl.max(s, 0)
-            m_s, z_s, h_s, g_s = _online_update(s, d, m_s, z_s, h_s, g_s)
-            m_t, z_t, h_t, g_t = _online_update(t, d, m_t, z_t, h_t, g_t)
+            m_s, z_s, h_s, g_s = online_update(s, d, m_s, z_s, h_s, g_s)
+            m_t, z_t, h_t, g_t = online_update(t, d, m_t, z_t, h_t, g_t)
             # Running top-k merge: only blocks whose max beats the k-th kept value do any work.
             if (bmax_s > theta) | (theta == NEG):
                 key = tl.where(inb, tl.where(s == NEG, LOWEST, s), NEG)
@@ -271,5 +246,5 @@ def score_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: 
     return chunked_score_torch(student_logits, teacher_logits, k, chunk=chunk)
 
 
-__all__ = ["fused_score", "chunked_score_torch", "score_logits", "triton_available", "SCORE_NAMES",
+__all__ = ["fused_score", "chunked_score_torch", "score_logits", "SCORE_NAMES",
            "MAX_FUSED_K"]

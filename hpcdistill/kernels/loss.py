@@ -12,7 +12,7 @@ backward() only multiplies the saved dh, dW by the incoming scalar gradient. Pea
 dh [N, H] and dW [V, H] in the input dtypes plus about three [C, V] buffers (two in fp32 on the
 torch path; the Triton path writes dlogits in place over the logits).
 
-Losses (objectives.py conventions, seed 000 / GKD; the teacher is a constant):
+Losses (distill/objectives.py conventions, seed 000 / GKD; the teacher is a constant):
     reverse_kl  KL(p_S || p_T)        d/ds = p_S * (r - KL),  r = log p_S - log p_T
     forward_kl  KL(p_T || p_S)        d/ds = p_S - p_T
     jsd(beta)   beta KL(p_T||M) + (1-beta) KL(p_S||M), M = beta p_T + (1-beta) p_S
@@ -20,7 +20,7 @@ Losses (objectives.py conventions, seed 000 / GKD; the teacher is a constant):
                 forward / reverse KL (TRL's convention, as distill.loss.bucket_divergence)
     topk_kl     seed 000: the student's top-k ids of each row, log_softmax over the k-slice on
                 each side, KL(s || t); gradient only at those k ids (the selection is constant)
-Reduction (objectives.py): loss = sum_t w_t m_t l_t / max(sum_t m_t, 1).
+Reduction (distill.loss.weighted_mean): loss = sum_t w_t m_t l_t / max(sum_t m_t, 1).
 """
 
 from __future__ import annotations
@@ -29,9 +29,12 @@ import math
 
 import torch
 
-from hpcdistill.distill.divergence import log_softmax_fp32
-from hpcdistill.models import fused_scoring
-from hpcdistill.models.fused_scoring import triton, tl
+from hpcdistill.kernels import scoring
+from hpcdistill.kernels.common import tl, triton
+from hpcdistill.kernels.reference import log_softmax_fp32
+
+if triton is not None:
+    from hpcdistill.kernels.common import online_update
 
 KINDS = ("reverse_kl", "forward_kl", "jsd", "topk_kl")
 _KIND_CODE = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
@@ -93,7 +96,6 @@ def rows_loss_grad_torch(s: torch.Tensor, t: torch.Tensor, kind: str, beta: floa
 # --------------------------------------------------------------------------------------------
 
 if triton is not None:
-    _online_update = fused_scoring._online_update
 
     @triton.jit
     def _loss_grad_kernel(S, T, LOSS, SCALE, stride_s, stride_t, V, beta,
@@ -120,8 +122,8 @@ if triton is not None:
             s = tl.load(s_row + cols, mask=inb, other=NEG).to(tl.float32)
             t = tl.load(t_row + cols, mask=inb, other=NEG).to(tl.float32)
             d = s - t
-            m_s, z_s, h_s, g_s = _online_update(s, d, m_s, z_s, h_s, g_s)
-            m_t, z_t, h_t, g_t = _online_update(t, d, m_t, z_t, h_t, g_t)
+            m_s, z_s, h_s, g_s = online_update(s, d, m_s, z_s, h_s, g_s)
+            m_t, z_t, h_t, g_t = online_update(t, d, m_t, z_t, h_t, g_t)
         lse_s = m_s + tl.log(z_s)
         lse_t = m_t + tl.log(z_t)
         dlse = lse_s - lse_t
@@ -183,12 +185,12 @@ def rows_loss_grad_triton_(s: torch.Tensor, t: torch.Tensor, scale: torch.Tensor
     """Per-row loss [C] float32; OVERWRITES s [C, V] with scale[:, None] * d loss / d s.
 
     reverse / forward KL and JSD run the Triton kernel; topk_kl takes its ids and values from
-    fused_scoring.fused_score and scatters the k-slice gradient (a [C, k] computation).
+    scoring.fused_score and scatters the k-slice gradient (a [C, k] computation).
     """
     if kind == "jsd" and beta in (0.0, 1.0):
         kind = "forward_kl" if beta == 0.0 else "reverse_kl"
     if kind == "topk_kl":
-        res = fused_scoring.fused_score(s, t, k, block_v=block_v, num_warps=num_warps)
+        res = scoring.fused_score(s, t, k, block_v=block_v, num_warps=num_warps)
         ids = res["student_topk_ids"]
         ls = torch.log_softmax(res["student_topk_lp"], -1)
         lt = log_softmax_fp32(res["teacher_at_student_topk_lp"])
@@ -276,7 +278,7 @@ def fused_linear_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, *,
     hidden: [N, H] student final hidden states (requires_grad for dh); weight: [V, H] the student
     lm_head (requires_grad for dW). Teacher: either teacher_logits [N, V], or teacher_hidden
     [N, H_t] with teacher_weight [V, H_t] (projected chunk by chunk, no gradient). weights,
-    loss_mask: [N] as objectives.py (default all ones). kind: one of KINDS. backend: "torch",
+    loss_mask: [N] as distill/objectives.py (default all ones). kind: one of KINDS. backend: "torch",
     "triton", or "auto" (Triton on CUDA when it imports). Returns a 0-d float32 loss
     (float64 for float64 inputs) whose backward fills hidden.grad and weight.grad.
     """
@@ -294,7 +296,7 @@ def fused_linear_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, *,
     use_triton = backend == "triton" or (backend == "auto" and hidden.is_cuda and triton is not None)
     if use_triton and triton is None:
         raise RuntimeError("backend='triton' needs triton (pip install 'hpcdistill[gpu]')")
-    if use_triton and kind == "topk_kl" and k > fused_scoring.MAX_FUSED_K:
+    if use_triton and kind == "topk_kl" and k > scoring.MAX_FUSED_K:
         use_triton = False
     w = torch.ones(N, device=hidden.device) if weights is None else weights.to(hidden.device)
     m = torch.ones(N, device=hidden.device) if loss_mask is None else loss_mask.to(hidden.device)

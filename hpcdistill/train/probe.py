@@ -1,20 +1,17 @@
 """The lock/fork probe run of seed 001: carriers -> positions -> both models' distributions -> shard.
 
-`run_probe(spec, out_dir)`:
-1. Carriers (seed 001, "The probing mechanism"): prompt+response pairs, either the original/eval
-   rollouts recorded in the shards under `probe.carriers` (their `tokens/ids` are the response; the
-   prompt is `rollouts/prompt_text`, else the task's problem re-rendered with the recording run's
-   spec), or, when none are named, responses generated fresh by both models on the task's problems
-   with the `[rollout]` settings and scored by the task's verifier. `probe.num_carriers` of them are
-   drawn, seeded, round-robin over the strata of `probe.stratify`: response-length quantile bin,
-   correctness (reward > 0) and generator model.
+`run_probe(spec, out_dir)` (the spec checked by `hpcdistill.spec.command_rules.check_probe_spec`):
+1. Carriers (seed 001, "The probing mechanism"; `hpcdistill.train.probe_carriers`): prompt+response
+   pairs, either the original/eval rollouts recorded in the shards under `probe.carriers`, or, when
+   none are named, responses generated fresh by both models on the task's problems and verified;
+   `probe.num_carriers` of them, drawn seeded and stratified by `probe.stratify`.
 2. Positions per carrier: every `regular_every`-th position, the positions where a
    `heuristic_tokens` string starts in the decoded response (plus `heuristic_window` after it), and
    `random_positions` random ones on top; at most `max_positions` (seeded subsample).
 3. One forward pass of each model (base = `model.student`, trained = `probe.trained_model`; one
    tokenizer required) per carrier; at each position and each probe temperature T the full
    next-token distributions log_softmax(logits / T) give the statistics and classes of
-   `hpcdistill.analysis.probing`.
+   `hpcdistill.models.lockfork`.
 4. Results go to one shard, `RunPaths(out_dir).shard(0)` (`out_dir/shards/step_000000.h5`), written
    atomically by `ShardWriter`; an existing shard is kept and returned (a requeued task redoes nothing).
 
@@ -54,9 +51,7 @@ import logging
 import re
 import sys
 import time
-import tomllib
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,22 +60,22 @@ import torch
 from tqdm.auto import tqdm
 
 import hpcdistill
-from hpcdistill.analysis import probing
 from hpcdistill.distill.divergence import kl_from_logprobs, slice_kl
-from hpcdistill.errors import ModelError, SpecError, TaskError
-from hpcdistill.rundir import RunPaths
-from hpcdistill.models.chat import render_prompt, set_chat_options, single_turn
-from hpcdistill.models.generation import generate
+from hpcdistill.errors import ModelError
+from hpcdistill.models import lockfork
+from hpcdistill.models.chat import set_chat_options
 from hpcdistill.models.loading import ModelHandle, load_model
-from hpcdistill.models.scoring import _project, response_hidden
-from hpcdistill.record import ShardReader, ShardWriter, iter_shards
+from hpcdistill.models.scoring import project, response_hidden
+from hpcdistill.record import ShardWriter
+from hpcdistill.rundir import RunPaths
+from hpcdistill.spec.command_rules import check_probe_spec
 from hpcdistill.spec.load import content_hash, dump_toml, spec_to_dict
 from hpcdistill.spec.schema import ProbeSpec, Spec
+from hpcdistill.train.probe_carriers import Carrier, carriers_from_shards, generate_carriers
 
 log = logging.getLogger(__name__)
 
 REGULAR, HEURISTIC, RANDOM = 1, 2, 4  # bits of tokens/source
-CARRIER_KINDS = ("original", "eval")  # recorded rollouts usable as carriers (not teacher contexts)
 POSITION_CHUNK = 64  # positions per [chunk, V] statistics pass
 
 TOKEN_COLUMNS = {
@@ -112,44 +107,8 @@ ROLLOUT_COLUMNS = {
 }
 
 
-@dataclass(frozen=True)
-class Carrier:
-    """One prompt+response pair to probe."""
-
-    problem_id: str
-    prompt_ids: tuple[int, ...]
-    response_ids: tuple[int, ...]
-    prompt_text: str
-    reward: float  # NaN when not scored
-    generator: str
-    source: str  # shard path or "generated"
-    length_bin: int = 0
-
-
 # --------------------------------------------------------------------------------------------------
-# checks and models
-
-
-def check_probe_spec(spec: Spec) -> None:
-    """Problems a probe spec can have that the schema's ranges do not catch; all reported at once."""
-    probe, errors = spec.probe, []
-    if not probe.trained_model:
-        errors.append("key 'probe.trained_model': missing; the probe compares model.student (base) "
-                      "with this trained model (a hub id, a model directory, or bundled:<name>)")
-    if not probe.temperatures:
-        errors.append("key 'probe.temperatures': empty; give at least one temperature, e.g. [0.7, 1.5]")
-    bad = [t for t in probe.temperatures if not t > 0]
-    if bad:
-        errors.append(f"key 'probe.temperatures': {bad} not allowed; each temperature must be > 0")
-    if probe.fork_top_n > probe.top_k:
-        errors.append(f"key 'probe.fork_top_n': {probe.fork_top_n} > probe.top_k = {probe.top_k}; "
-                      "fork candidates are looked for within the top-k")
-    if probe.regular_every == 0 and not probe.heuristic_tokens and probe.random_positions == 0:
-        errors.append("key 'probe.regular_every': with no heuristic_tokens and random_positions = 0, "
-                      "no position would be probed")
-    if errors:
-        raise SpecError(errors[0] if len(errors) == 1 else
-                        f"{len(errors)} problems in [probe]:\n" + "\n".join(f"  - {e}" for e in errors))
+# models
 
 
 def check_same_tokenizer(base: ModelHandle, trained: ModelHandle) -> None:
@@ -181,166 +140,6 @@ def load_probe_models(spec: Spec) -> tuple[ModelHandle, ModelHandle]:
     set_chat_options(trained.tokenizer, enable_thinking=spec.model.enable_thinking)
     check_same_tokenizer(base, trained)
     return base, trained
-
-
-# --------------------------------------------------------------------------------------------------
-# carriers
-
-
-def generator_label(model_id: str, weight_version: int, spec: Spec) -> str:
-    """"base" (model.student before any step), "trained" (probe.trained_model), else <model>@<step>."""
-    if model_id == spec.probe.trained_model:
-        return "trained"
-    if model_id == spec.model.student and weight_version <= 0:
-        return "base"
-    return f"{model_id}@{weight_version}"
-
-
-def length_bins(lengths: np.ndarray, num_bins: int) -> np.ndarray:
-    """Quantile bin 0..num_bins-1 of each length: [N] -> int64 [N]."""
-    lengths = np.asarray(lengths, dtype=np.float64)
-    if num_bins <= 1 or len(lengths) == 0:
-        return np.zeros(len(lengths), dtype=np.int64)
-    edges = np.quantile(lengths, np.linspace(0, 1, num_bins + 1)[1:-1])
-    return np.searchsorted(edges, lengths, side="right").astype(np.int64)
-
-
-def correctness(reward: float) -> str:
-    return "unscored" if not np.isfinite(reward) else "correct" if reward > 0 else "incorrect"
-
-
-def stratified_sample(keys: list[tuple], n: int, rng: np.random.Generator) -> list[int]:
-    """n indices drawn round-robin over the strata `keys[i]` (each stratum shuffled by `rng`), so
-    every stratum is represented before any gets a second carrier; sorted indices."""
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, key in enumerate(keys):
-        groups[key].append(i)
-    order = sorted(groups, key=repr)
-    shuffled = [list(rng.permutation(groups[key])) for key in order]
-    picked: list[int] = []
-    depth = 0
-    while len(picked) < n and any(depth < len(g) for g in shuffled):
-        for group in shuffled:
-            if depth < len(group) and len(picked) < n:
-                picked.append(int(group[depth]))
-        depth += 1
-    return sorted(picked)
-
-
-def _strata(carriers_meta: list[dict], probe: ProbeSpec) -> list[tuple]:
-    return [tuple(m["length_bin"] if key == "length" else correctness(m["reward"]) if key == "correctness"
-                  else m["generator"] for key in probe.stratify) for m in carriers_meta]
-
-
-def _task_prompts(spec_toml: str, fallback: Spec, tokenizer, cache: dict, kind: str) -> dict[str, list[int]]:
-    """problem_id -> prompt ids, rebuilt as the recording run rendered them: its [task] (for eval
-    rollouts its eval.split and eval.num_problems) and its rollout.system_prompt."""
-    try:
-        data = tomllib.loads(spec_toml) if spec_toml else {}
-    except tomllib.TOMLDecodeError:
-        data = {}
-    task = {"name": fallback.task.name, "source": fallback.task.source, "split": fallback.task.split,
-            "num_problems": fallback.task.num_problems} | data.get("task", {})
-    split, num = task["split"], task["num_problems"]
-    if kind == "eval":
-        split = data.get("eval", {}).get("split") or split
-        num = data.get("eval", {}).get("num_problems") or num
-    system = data.get("rollout", {}).get("system_prompt", fallback.rollout.system_prompt)
-    key = (task["name"], task["source"], split, num, system)
-    if key not in cache:
-        from hpcdistill.tasks import get_task  # the task package is only needed here
-
-        problems = get_task(task["name"]).load_problems(source=task["source"], split=split,
-                                                        num_problems=num, seed=0)
-        cache[key] = {p.problem_id: render_prompt(tokenizer, single_turn(p.prompt, system or None))
-                      for p in problems}
-    return cache[key]
-
-
-def carriers_from_shards(spec: Spec, tokenizer, rng: np.random.Generator) -> list[Carrier]:
-    """Select carriers among the original/eval rollouts recorded under `probe.carriers`."""
-    meta: list[dict] = []
-    skipped: list = []
-    for reader in iter_shards(spec.probe.carriers, skipped=skipped):
-        table = reader.rollouts(["kind", "length", "reward", "problem_id", "weight_version"])
-        model_id = str(reader.attrs.get("student_model", ""))
-        for i, (kind, length) in enumerate(zip(table["kind"], table["length"])):
-            if kind in CARRIER_KINDS and length > 0:
-                meta.append({"path": reader.path, "index": i, "length": int(length), "kind": str(kind),
-                             "reward": float(table["reward"][i]), "problem_id": str(table["problem_id"][i]),
-                             "generator": generator_label(model_id, int(table["weight_version"][i]), spec)})
-    if not meta:
-        raise SpecError(f"key 'probe.carriers': no original or eval rollouts found in {spec.probe.carriers}"
-                        + (f" ({len(skipped)} unreadable shard(s) skipped)" if skipped else ""))
-    for m, b in zip(meta, length_bins(np.array([m["length"] for m in meta]), spec.probe.length_bins)):
-        m["length_bin"] = int(b)
-    chosen = [meta[i] for i in stratified_sample(_strata(meta, spec.probe), spec.probe.num_carriers, rng)]
-    carriers, prompt_cache = [], {}
-    by_path: dict[Path, list[dict]] = defaultdict(list)
-    for m in chosen:
-        by_path[m["path"]].append(m)
-    for path, items in by_path.items():
-        with ShardReader(path) as reader:
-            table = reader.rollouts(["prompt_text", "response_text"])
-            for m in items:
-                ids = tuple(int(t) for t in reader.tokens(m["index"], ["ids"])["ids"])
-                prompt_text = str(table.get("prompt_text", [""] * (m["index"] + 1))[m["index"]])
-                if prompt_text:
-                    prompt_ids = list(tokenizer.encode(prompt_text, add_special_tokens=False))
-                else:
-                    prompts = _task_prompts(str(reader.attrs.get("spec_toml", "")), spec, tokenizer,
-                                            prompt_cache, m["kind"])
-                    if m["problem_id"] not in prompts:
-                        log.warning("carrier %s#%d: problem %r not found in its task; skipped",
-                                    path, m["index"], m["problem_id"])
-                        continue
-                    prompt_ids = prompts[m["problem_id"]]
-                    prompt_text = tokenizer.decode(prompt_ids)
-                if max(ids) >= len(tokenizer):
-                    raise ModelError(f"{path}: rollout {m['index']} has token ids beyond the base model's "
-                                     f"vocabulary ({len(tokenizer)}); it was recorded with another tokenizer")
-                carriers.append(Carrier(m["problem_id"], tuple(prompt_ids), ids, prompt_text, m["reward"],
-                                        m["generator"], str(path), m["length_bin"]))
-    return carriers
-
-
-def generate_carriers(spec: Spec, base: ModelHandle, trained: ModelHandle, seed: int,
-                      rng: np.random.Generator) -> list[Carrier]:
-    """Both models answer the task's problems (rollout settings); verified; then stratified."""
-    from hpcdistill.tasks import get_task
-
-    task = get_task(spec.task.name)
-    problems = task.load_problems(source=spec.task.source, split=spec.task.split,
-                                  num_problems=spec.task.num_problems, seed=0)
-    if not problems:
-        raise TaskError(f"task {spec.task.name!r} ({spec.task.source}) gave no problems to generate carriers")
-    ro, tok = spec.rollout, base.tokenizer
-    prompts = [render_prompt(tok, single_turn(p.prompt, ro.system_prompt or None)) for p in problems]
-    sides = [("base", base)] + ([("trained", trained)] if trained is not base else [])
-    meta: list[dict] = []
-    for stream, (label, handle) in enumerate(sides):
-        gens = generate(handle, prompts, n=ro.samples_per_problem, max_new_tokens=ro.max_new_tokens,
-                        temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
-                        seed=seed * 1_000_003 + stream, batch_size=ro.batch_size)
-        for problem, prompt, samples in zip(problems, prompts, gens):
-            for g in samples:
-                ids = tuple(int(t) for t in g.response_ids)
-                if not ids:
-                    continue
-                text = tok.decode(list(ids), skip_special_tokens=True)
-                verdict = task.verify(problem, text, timeout_s=spec.task.timeout_s, memory_mb=spec.task.memory_mb)
-                meta.append({"carrier": Carrier(problem.problem_id, tuple(prompt), ids, tok.decode(prompt),
-                                                float(verdict.reward), label, "generated"),
-                             "length": len(ids), "reward": float(verdict.reward), "generator": label})
-    for m, b in zip(meta, length_bins(np.array([m["length"] for m in meta]), spec.probe.length_bins)):
-        m["length_bin"] = int(b)
-    chosen = stratified_sample(_strata(meta, spec.probe), spec.probe.num_carriers, rng)
-    return [_with_bin(meta[i]["carrier"], meta[i]["length_bin"]) for i in chosen]
-
-
-def _with_bin(c: Carrier, length_bin: int) -> Carrier:
-    return Carrier(c.problem_id, c.prompt_ids, c.response_ids, c.prompt_text, c.reward, c.generator,
-                   c.source, length_bin)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -395,7 +194,7 @@ def position_logits(handle: ModelHandle, carrier: Carrier, positions: np.ndarray
     last = int(positions.max()) + 1
     hidden = response_hidden(handle, [(list(carrier.prompt_ids), list(carrier.response_ids))], [last])  # [last, H]
     index = torch.as_tensor(positions, dtype=torch.long, device=hidden.device)
-    return _project(handle.model, hidden.index_select(0, index)).float()
+    return project(handle.model, hidden.index_select(0, index)).float()
 
 
 @torch.inference_mode()
@@ -405,13 +204,13 @@ def compare_distributions(base_logits: torch.Tensor, trained_logits: torch.Tenso
 
     base_logits, trained_logits: [P, V]; token_ids: [P] the carrier's tokens there.
     """
-    th = probing.Thresholds.from_spec(probe)
+    th = lockfork.Thresholds.from_spec(probe)
     parts: list[dict[str, np.ndarray]] = []
     for c in range(0, len(token_ids), POSITION_CHUNK):
-        lb = probing.apply_temperature(base_logits[c:c + POSITION_CHUNK], temperature)  # [C, V]
-        lt = probing.apply_temperature(trained_logits[c:c + POSITION_CHUNK].to(lb.device), temperature)
-        sb, qb = probing.distribution_stats(lb, top_k=probe.top_k, top_p=probe.top_p)
-        st, qt = probing.distribution_stats(lt, top_k=probe.top_k, top_p=probe.top_p)
+        lb = lockfork.apply_temperature(base_logits[c:c + POSITION_CHUNK], temperature)  # [C, V]
+        lt = lockfork.apply_temperature(trained_logits[c:c + POSITION_CHUNK].to(lb.device), temperature)
+        sb, qb = lockfork.distribution_stats(lb, top_k=probe.top_k, top_p=probe.top_p)
+        st, qt = lockfork.distribution_stats(lt, top_k=probe.top_k, top_p=probe.top_p)
         tok = torch.as_tensor(token_ids[c:c + POSITION_CHUNK], dtype=torch.long, device=lb.device)[:, None]
         ids_b = torch.as_tensor(sb.topk_ids, device=lb.device)  # [C, k]
         base_topk_lp, trained_at = lb.gather(-1, ids_b), lt.gather(-1, ids_b)
@@ -433,7 +232,7 @@ def compare_distributions(base_logits: torch.Tensor, trained_logits: torch.Tenso
             "base_trunc_top1": sb.trunc_top1,
             "trained_trunc_at_base_top1": qt.gather(-1, ids_b[:, :1])[:, 0].exp().cpu().numpy(),
             "base_trunc_entropy": sb.trunc_entropy, "trained_trunc_entropy": st.trunc_entropy,
-            "base_class": probing.classify_stats(sb, th), "trained_class": probing.classify_stats(st, th),
+            "base_class": lockfork.classify_stats(sb, th), "trained_class": lockfork.classify_stats(st, th),
         })
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
@@ -455,20 +254,20 @@ def probe_carrier(base: ModelHandle, trained: ModelHandle, carrier: Carrier, pro
     out = []
     for temperature in probe.temperatures:
         cols = compare_distributions(logits_b, logits_t, token_ids, temperature, probe)
-        shown = np.unique(np.concatenate([cols["student_topk_ids"][:, :probing.RANK_TABLE_SIZE].ravel(),
-                                          cols["teacher_topk_ids"][:, :probing.RANK_TABLE_SIZE].ravel()]))
+        shown = np.unique(np.concatenate([cols["student_topk_ids"][:, :lockfork.RANK_TABLE_SIZE].ravel(),
+                                          cols["teacher_topk_ids"][:, :lockfork.RANK_TABLE_SIZE].ravel()]))
         token_text = {int(i): tok.decode([int(i)]) for i in shown}
         window = probe.self_correction_window
         self_correction = np.array([
-            probing.self_correction_context(
+            lockfork.self_correction_context(
                 text[max(0, start - window):start],
                 [token_text[int(cols["student_topk_ids"][j, 0])], token_text[int(cols["teacher_topk_ids"][j, 0])]],
                 probe.self_correction_markers, window)
             for j, start in enumerate(starts)], dtype=bool)
         same_top = cols["student_topk_ids"][:, 0] == cols["teacher_topk_ids"][:, 0]
-        cols["lock_subcategory"] = probing.lock_subcategory(cols["base_class"], cols["trained_class"],
+        cols["lock_subcategory"] = lockfork.lock_subcategory(cols["base_class"], cols["trained_class"],
                                                             same_top, self_correction)
-        cols["fork_subcategory"] = probing.fork_subcategory(cols["base_class"], cols["trained_class"])
+        cols["fork_subcategory"] = lockfork.fork_subcategory(cols["base_class"], cols["trained_class"])
         cols["self_correction"] = self_correction.astype(np.float32)
         cols["position"], cols["char_offset"], cols["source"] = positions, starts, source
         extra = {"probe_temperature": float(temperature), "response_text": text,
@@ -531,7 +330,7 @@ def run_probe(spec: Spec, out_dir: str | Path) -> Path:
         for temperature, parts in counts.items():
             classes = np.concatenate(parts)
             writer.add_metrics(0, {f"probe/{name}_share@t{temperature:g}": float(np.mean(classes == code))
-                                   for code, name in enumerate(probing.CLASSES)}
+                                   for code, name in enumerate(lockfork.CLASSES)}
                                | {f"probe/positions@t{temperature:g}": float(len(classes))})
     log.info("probe: %d carriers, %s positions in %.1f s -> %s", len(carriers),
              sum(len(np.concatenate(v)) for v in counts.values()) // max(len(counts), 1),
@@ -539,7 +338,6 @@ def run_probe(spec: Spec, out_dir: str | Path) -> Path:
     return shard
 
 
-__all__ = ["run_probe", "Carrier", "check_probe_spec", "check_same_tokenizer", "load_probe_models",
-           "carriers_from_shards", "generate_carriers", "select_positions", "stratified_sample",
-           "length_bins", "position_logits", "compare_distributions", "probe_carrier", "TOKEN_COLUMNS",
-           "ROLLOUT_COLUMNS"]
+__all__ = ["run_probe", "check_same_tokenizer", "load_probe_models", "select_positions", "position_logits",
+           "compare_distributions", "probe_carrier", "probe_attrs", "TOKEN_COLUMNS", "ROLLOUT_COLUMNS",
+           "REGULAR", "HEURISTIC", "RANDOM"]
