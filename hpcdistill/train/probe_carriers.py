@@ -12,14 +12,13 @@ quantile bin, correctness (reward > 0) and generator model. The run that probes 
 from __future__ import annotations
 
 import logging
-import tomllib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from hpcdistill.errors import ModelError, SpecError, TaskError
+from hpcdistill.errors import ModelError, ShardError, SpecError, TaskError
 from hpcdistill.models.chat import render_prompt, single_turn
 from hpcdistill.models.generation import generate
 from hpcdistill.models.loading import ModelHandle
@@ -91,20 +90,18 @@ def _strata(carriers_meta: list[dict], probe: ProbeSpec) -> list[tuple]:
                   else m["generator"] for key in probe.stratify) for m in carriers_meta]
 
 
-def _task_prompts(spec_toml: str, fallback: Spec, tokenizer, cache: dict, kind: str) -> dict[str, list[int]]:
+def _task_prompts(recorded: Spec | None, fallback: Spec, tokenizer, cache: dict, kind: str) -> dict[str, list[int]]:
     """problem_id -> prompt ids, rebuilt as the recording run rendered them: its [task] (for eval
-    rollouts its eval.split and eval.num_problems) and its rollout.system_prompt."""
-    try:
-        data = tomllib.loads(spec_toml) if spec_toml else {}
-    except tomllib.TOMLDecodeError:
-        data = {}
-    task = {"name": fallback.task.name, "source": fallback.task.source, "split": fallback.task.split,
-            "num_problems": fallback.task.num_problems} | data.get("task", {})
+    rollouts its eval.split and eval.num_problems) and its rollout.system_prompt. `recorded`: the
+    run's validated Spec (`ShardReader.spec`); None (a shard without one) takes the probe's."""
+    run = recorded or fallback
+    task = {"name": run.task.name, "source": run.task.source, "split": run.task.split,
+            "num_problems": run.task.num_problems}
     split, num = task["split"], task["num_problems"]
     if kind == "eval":
-        split = data.get("eval", {}).get("split") or split
-        num = data.get("eval", {}).get("num_problems") or num
-    system = data.get("rollout", {}).get("system_prompt", fallback.rollout.system_prompt)
+        split = run.eval.split or split
+        num = run.eval.num_problems or num
+    system = run.rollout.system_prompt
     key = (task["name"], task["source"], split, num, system)
     if key not in cache:
         from hpcdistill.tasks import get_task  # the task package is only needed here
@@ -114,6 +111,13 @@ def _task_prompts(spec_toml: str, fallback: Spec, tokenizer, cache: dict, kind: 
         cache[key] = {p.problem_id: render_prompt(tokenizer, single_turn(p.prompt, system or None))
                       for p in problems}
     return cache[key]
+
+
+def _recorded_spec(reader) -> Spec | None:
+    try:
+        return reader.spec
+    except ShardError:
+        return None
 
 
 def carriers_from_shards(spec: Spec, tokenizer, rng: np.random.Generator) -> list[Carrier]:
@@ -147,8 +151,7 @@ def carriers_from_shards(spec: Spec, tokenizer, rng: np.random.Generator) -> lis
                 if prompt_text:
                     prompt_ids = list(tokenizer.encode(prompt_text, add_special_tokens=False))
                 else:
-                    prompts = _task_prompts(str(reader.attrs.get("spec_toml", "")), spec, tokenizer,
-                                            prompt_cache, m["kind"])
+                    prompts = _task_prompts(_recorded_spec(reader), spec, tokenizer, prompt_cache, m["kind"])
                     if m["problem_id"] not in prompts:
                         log.warning("carrier %s#%d: problem %r not found in its task; skipped",
                                     path, m["index"], m["problem_id"])
