@@ -40,25 +40,31 @@ def load_benchmarks(spec: Spec) -> dict[str, list[Problem]]:
     return out
 
 
+def eval_set(spec: Spec, models, verifier: Verifier, problems: list[Problem], *, seed: int,
+             temperature: float, samples: int) -> tuple[float, float]:
+    """(mean reward, pass rate) of the student alone (no teacher context) on one problem set: its
+    `samples` rollouts per problem at `temperature`, sampled with `seed`. Stage 8's one set."""
+    tok = models.student.tokenizer
+    prompts = [render_prompt(tok, contexts.student_messages(p, spec.rollout.system_prompt)) for p in problems]
+    gens = roles.sample_student(spec, models, prompts, seed=seed, temperature=temperature, n=samples,
+                                max_new_tokens=spec.eval.max_new_tokens or spec.rollout.max_new_tokens)
+    verdicts = [verifier.verify(p, tok.decode(g.response_ids, skip_special_tokens=True))
+                for p, rollouts in zip(problems, gens) for g in rollouts]
+    return float(np.mean([v.reward for v in verdicts])), float(np.mean([v.passed for v in verdicts]))
+
+
 def evaluate_benchmarks(spec: Spec, models, benchmarks: dict[str, list[Problem]], step: int,
                         verifier: Verifier | None = None) -> dict[str, float]:
     """The student alone (no teacher context) on each benchmark at each eval temperature."""
     verifier = verifier or Verifier.of(spec)
-    tok = models.student.tokenizer
-    max_new_tokens = spec.eval.max_new_tokens or spec.rollout.max_new_tokens
     metrics: dict[str, float] = {}
     for b, bench in enumerate(spec.eval.benchmarks):
-        problems = benchmarks[bench.label]
-        prompts = [render_prompt(tok, contexts.student_messages(p, spec.rollout.system_prompt)) for p in problems]
         for index, temperature in enumerate(spec.eval.temperatures):
-            gens = roles.sample_student(spec, models, prompts, seed=step_seed(spec.seeds[0], step,
-                                                                              benchmark_stream(b, index)),
-                                        temperature=temperature, n=bench.samples or spec.eval.samples,
-                                        max_new_tokens=max_new_tokens)
-            verdicts = [verifier.verify(p, tok.decode(g.response_ids, skip_special_tokens=True))
-                        for p, samples in zip(problems, gens) for g in samples]
-            metrics[f"eval/{bench.label}/reward@{temperature:g}"] = float(np.mean([v.reward for v in verdicts]))
-            metrics[f"eval/{bench.label}/passed@{temperature:g}"] = float(np.mean([v.passed for v in verdicts]))
+            reward, passed = eval_set(spec, models, verifier, benchmarks[bench.label],
+                                      seed=step_seed(spec.seeds[0], step, benchmark_stream(b, index)),
+                                      temperature=temperature, samples=bench.samples or spec.eval.samples)
+            metrics[f"eval/{bench.label}/reward@{temperature:g}"] = reward
+            metrics[f"eval/{bench.label}/passed@{temperature:g}"] = passed
     averaged = [bench.label for bench in spec.eval.benchmarks if bench.average]
     if averaged:
         for temperature in spec.eval.temperatures:
@@ -68,4 +74,4 @@ def evaluate_benchmarks(spec: Spec, models, benchmarks: dict[str, list[Problem]]
     return metrics
 
 
-__all__ = ["load_benchmarks", "evaluate_benchmarks", "AVERAGE"]
+__all__ = ["load_benchmarks", "eval_set", "evaluate_benchmarks", "AVERAGE"]

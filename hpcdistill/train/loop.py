@@ -25,17 +25,15 @@ import logging
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
 from hpcdistill.devices import RoleDevices
-from hpcdistill.distill import contexts, schedules
-from hpcdistill.models.chat import render_prompt
+from hpcdistill.distill import schedules
 from hpcdistill.record import ShardWriter
 from hpcdistill.rundir import RunPaths
 from hpcdistill.spec.schema import Spec
 from hpcdistill.tasks import Problem, get_task
-from hpcdistill.train.benchmarks import evaluate_benchmarks, load_benchmarks
+from hpcdistill.train.benchmarks import eval_set, evaluate_benchmarks, load_benchmarks
 from hpcdistill.train.collect import (ScoredRollout, Scorer, Verifier, collect_step, collect_teacher_completions,
                                       load_problems, replay_problems, step_problems, teacher_prefixes)
 from hpcdistill.train.distributed import build_trainer
@@ -43,7 +41,7 @@ from hpcdistill.train.fixed_set import FixedSet
 from hpcdistill.train.policy_lag import LAG_FILE, make_policy_lag
 from hpcdistill.train.recording import shard_attrs, shard_columns, write_rollouts
 from hpcdistill.train.roles import (Models, apply_lora, check_parity, current_weights_served, load_models,
-                                    load_teacher_state, policy_lag_files, rollout_engine, sample_student,
+                                    load_teacher_state, policy_lag_files, rollout_engine,
                                     save_model, sync_rollout_weights, teacher_state_files, update_teacher,
                                     weights_checksum)
 from hpcdistill.train.seeds import SeedStream, eval_stream, step_seed
@@ -223,17 +221,13 @@ def evaluate(spec: Spec, models: Models, problems: list[Problem] | dict[str, lis
     verifier = verifier or Verifier.of(spec)
     if spec.eval.benchmarks:
         return evaluate_benchmarks(spec, models, problems, step, verifier)
-    tok = models.student.tokenizer
-    prompts = [render_prompt(tok, contexts.student_messages(p, spec.rollout.system_prompt)) for p in problems]
     metrics = {}
     for index, temperature in enumerate(spec.eval.temperatures):
-        gens = sample_student(spec, models, prompts, seed=step_seed(spec.seeds[0], step, eval_stream(index)),
-                              temperature=temperature, n=spec.eval.samples,
-                              max_new_tokens=spec.eval.max_new_tokens or spec.rollout.max_new_tokens)
-        verdicts = [verifier.verify(p, tok.decode(g.response_ids, skip_special_tokens=True))
-                    for p, samples in zip(problems, gens) for g in samples]
-        metrics[f"eval/reward@{temperature:g}"] = float(np.mean([v.reward for v in verdicts]))
-        metrics[f"eval/passed@{temperature:g}"] = float(np.mean([v.passed for v in verdicts]))
+        reward, passed = eval_set(spec, models, verifier, problems,
+                                  seed=step_seed(spec.seeds[0], step, eval_stream(index)),
+                                  temperature=temperature, samples=spec.eval.samples)
+        metrics[f"eval/reward@{temperature:g}"] = reward
+        metrics[f"eval/passed@{temperature:g}"] = passed
     return metrics
 
 

@@ -251,19 +251,12 @@ def off_policy_loss(spec: Spec, models: Models, items: list[ScoredRollout], refe
         if logits is None:
             logits = torch.cat(_student_logits(models, items, grad=True))
         with torch.no_grad():
-            hidden = response_hidden(_Handle(reference, models.student), [it.student_seq for it in items], lengths)
+            hidden = response_hidden(models.student, [it.student_seq for it in items], lengths, model=reference)
             reference_logits = project(reference, hidden).float()
         kl, named = objectives.kl_to_reference_loss(logits, reference_logits, weights)
         loss = loss + kl_beta * kl
         metrics["train/kl_to_initial"] = float(named["reference_kl"])
     return loss, metrics
-
-
-class _Handle:
-    """A model handle that borrows the student's tokenizer and device (the frozen reference)."""
-
-    def __init__(self, model, like):
-        self.model, self.tokenizer, self.device, self.dtype = model, like.tokenizer, like.device, like.dtype
 
 
 # ---------------------------------------------------------------------------- the update
