@@ -52,6 +52,22 @@ def cmd_expand(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from hpcdistill.spec import expand
+    from hpcdistill.train.memory_plan import format_plan, model_shape, plan_step
+
+    loaded = _load(args)
+    shapes: dict[str, object] = {}
+    for run in expand(loaded, force=True):
+        spec = run.spec
+        student = shapes.setdefault(spec.model.student, model_shape(spec.model.student, args.model_config))
+        teacher = None
+        if spec.model.teacher not in ("same", spec.model.student):
+            teacher = shapes.setdefault(spec.model.teacher, model_shape(spec.model.teacher, args.teacher_config))
+        print(format_plan(run.run_id, spec, plan_step(spec, student, teacher, args.prompt_tokens), args.prompt_tokens))
+    return 0
+
+
 def cmd_render(args) -> int:
     from hpcdistill.launch.submit import render_script
 
@@ -242,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable list of runs")
     p.add_argument("--force", action="store_true", help="allow more than launch.max_runs runs")
     p.set_defaults(func=cmd_expand)
+
+    p = with_spec(sub.add_parser("plan", help="each run's micro-batches and the trainer memory a step needs"))
+    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length assumed for every rollout")
+    p.add_argument("--model-config", help="the student's config.json, for a model the planner does not know")
+    p.add_argument("--teacher-config", help="the teacher's config.json, likewise")
+    p.set_defaults(func=cmd_plan)
 
     p = with_spec(sub.add_parser("render", help="the sbatch script(s) that would be submitted"))
     p.set_defaults(func=cmd_render)

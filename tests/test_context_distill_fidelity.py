@@ -137,7 +137,7 @@ def _synthetic_items(handle, temperature: float):
     from hpcdistill.models.generation import Generation
     from hpcdistill.models.scoring import TokenScores
     from hpcdistill.tasks import Problem, Verdict
-    from hpcdistill.train import update
+    from hpcdistill.train import whole_batch
     from hpcdistill.train.collect import ScoredRollout as Item
     from hpcdistill.train.roles import Models
 
@@ -158,7 +158,7 @@ def _synthetic_items(handle, temperature: float):
         items.append(Item(Problem("AB"[i // 2], "x", {}), i % 2, "original", (prompt, response),
                           (prompt, response), gen, "", Verdict(float(i % 2), bool(i % 2), "", {}), scores))
     models = Models(handle, handle)
-    logits = update._student_logits(models, items, grad=False)
+    logits = whole_batch._student_logits(models, items, grad=False)
     for item, lg in zip(items, logits):
         y = torch.as_tensor(item.student_seq[1])
         lp = torch.log_softmax(lg / temperature, -1).gather(-1, y[:, None])[:, 0]

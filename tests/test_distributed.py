@@ -3,7 +3,9 @@
 Each test starts real ranks with `torch.distributed.run`; this file is also the ranks' script
 (`python tests/test_distributed.py ...` under torchrun, see `rank_main`). The batch is 4 fixed
 sequences of the bundled SmolLM2-135M with a synthetic teacher, trained with the loop's own
-`objective_loss` (top-k KL), so the sharding of `update` is what is tested.
+`update.update` (top-k KL) in micro-batches of 40 tokens, so the sharding of `update`, the
+micro-batches of unequal count over the ranks (one padded) and each strategy's accumulation
+(DeepSpeed's boundary, FSDP's deferred gradient sync) are what is tested.
 
 Tolerances. Data-parallel gradients differ from the single process only in float reduction
 order. Losses agree to 1e-5 relative. For weights, with lr = 1e-4 (AdamW moves a weight by at most
@@ -34,6 +36,7 @@ LOSS_RTOL = 1e-5
 UPDATE_RTOL = 1e-3  # ||w_dist - w_single|| / ||w_single - w_initial||
 WEIGHT_ATOL = 0.1 * LR  # max |w_dist - w_single|
 TOP_K = 8
+MICRO_BATCH_TOKENS = 40
 
 
 def synthetic_batch(tokenizer, step: int):
@@ -49,31 +52,41 @@ def synthetic_batch(tokenizer, step: int):
             student_topk_ids=np.stack([rng.choice(5000, TOP_K, replace=False) for _ in range(length)]).astype(np.int32),
             teacher_at_student_topk_lp=rng.normal(-3.0, 1.0, size=(length, TOP_K)).astype(np.float32))
         items.append(SimpleNamespace(student_seq=(prompt, response), scores=scores, teacher_signal=True,
+                                     problem=SimpleNamespace(problem_id=text), train_loss=None,
                                      generation=SimpleNamespace(sampler_lp=np.zeros(length, np.float32))))
         weights.append(np.ones(length, np.float32))
     return items, weights
 
 
 def train_step(trainer, spec, models, items, weights, hold: Path | None = None):
-    """The hook proposed for steps.update: shard -> share-scaled loss -> trainer.step."""
-    from hpcdistill.train.update import objective_loss
+    """The loop's `update.update`: shard -> micro-batches under `trainer.micro_batch_tokens` ->
+    share-scaled losses -> trainer.step. `hold`: the test kills the ranks inside the first
+    micro-batch's loss, after its forward, before the update."""
+    from hpcdistill.distill.schedules import StepPlan
+    from hpcdistill.train import update
 
-    mine, share = trainer.shard([len(w) for w in weights])
-
-    def loss_fn():
-        loss, named = objective_loss(spec, models, [items[i] for i in mine], [weights[i] for i in mine])
-        if hold is not None:  # the test kills the ranks here: after the forward, before the update
+    objective_loss = update.objective_loss
+    if hold is not None:
+        def held(*args, **kwargs):
+            out = objective_loss(*args, **kwargs)
             hold.touch()
             time.sleep(120)
-        return share * loss, trainer.reduce_metrics(named, share)
+            return out
 
-    return trainer.step(loss_fn)
+        update.objective_loss = held
+    try:
+        return update.update(spec, models, trainer, items, weights, StepPlan(1.0, 0.0), [], None)
+    finally:
+        update.objective_loss = objective_loss
 
 
 def make_spec():
-    from hpcdistill.spec.schema import ExperimentSpec, Spec, TrainSpec
+    from hpcdistill.spec.schema import ExperimentSpec, Spec, TrainerSpec, TrainSpec
 
+    # 40 forward tokens: the single process packs the 4 items in 3 micro-batches; of 2 ranks, rank 0
+    # needs 2 and rank 1 one, plus one padding micro-batch (ZeRO and FSDP run collectives in each)
     return Spec(experiment=ExperimentSpec(name="distributed"),
+                trainer=TrainerSpec(micro_batch_tokens=MICRO_BATCH_TOKENS),
                 train=TrainSpec(steps=3, objective="topk_kl", lr=LR, weight_decay=0.01, max_grad_norm=1.0))
 
 

@@ -148,6 +148,30 @@ def test_torch_path_matches_float64_value_and_gradients(kind, beta):
     assert_matches_reference(got64, want, 1e-10)
 
 
+def assert_rows_match_torch_rows(h, W, t, kind, beta, k, w, m, backend, tol):
+    """return_rows: rows = rows_loss_grad_torch's per-row loss, detached, in the loss's dtype;
+    the loss and its gradients are those of the call without rows."""
+    hh = h.clone().requires_grad_()
+    loss, rows = fused_loss.fused_linear_distill_loss(hh, W, teacher_logits=t, kind=kind, beta=beta, k=k,
+                                                      weights=w, loss_mask=m, chunk=3, backend=backend,
+                                                      return_rows=True)
+    assert rows.shape == (h.shape[0],) and rows.dtype == loss.dtype and not rows.requires_grad
+    want = fused_loss.rows_loss_grad_torch(h.double() @ W.double().T, t.double(), kind, beta, k)[0]
+    assert rel(rows, want) <= tol
+    loss.backward()
+    plain = run_fused(h, W, t, kind, beta, k, w, m, backend, chunk=3)
+    assert torch.equal(loss.detach(), plain[0]) and torch.equal(hh.grad, plain[1])
+    expect = (rows.double() * w.double() * m.double()).sum() / m.double().sum()
+    assert abs(loss.item() - expect.item()) <= tol * abs(expect.item())
+
+
+@pytest.mark.parametrize("kind,beta", [("reverse_kl", 0.5), ("jsd", 0.3), ("topk_kl", 0.5)])
+def test_return_rows_gives_the_per_token_loss_on_the_torch_path(kind, beta):
+    h, W, t, w, m = make_problem(N=10, H=8, V=50, seed=20)
+    assert_rows_match_torch_rows(h, W, t, kind, beta, 5, w, m, "torch", 2e-5)
+    assert_rows_match_torch_rows(h.double(), W.double(), t.double(), kind, beta, 5, w, m, "torch", 1e-10)
+
+
 def test_teacher_hidden_and_weight_equal_teacher_logits():
     h, W, _, w, m = make_problem(N=9, H=8, V=64, seed=2)
     g = torch.Generator().manual_seed(3)
@@ -213,3 +237,9 @@ def test_triton_row_kernel_over_several_blocks_matches_torch_rows(triton_kernels
     assert rel(loss, want_loss) <= 2e-6
     assert rel(grad, want_grad * scale.double()[:, None]) <= 2e-6
     assert torch.isfinite(loss).all()
+
+
+@pytest.mark.parametrize("kind,beta", [("forward_kl", 0.5), ("jsd", 0.3), ("topk_kl", 0.5)])
+def test_return_rows_gives_the_per_token_loss_on_the_triton_path(triton_kernels, kind, beta):
+    h, W, t, w, m = make_problem(N=7, H=8, V=60, seed=21)
+    assert_rows_match_torch_rows(h, W, t, kind, beta, 5, w, m, "triton", 2e-5)

@@ -57,7 +57,7 @@ def test_replaying_a_runs_own_loss_reproduces_the_loss_it_logged(tmp_path, name)
 
 def _true_grad_l1(batch, config_overrides: dict) -> np.ndarray:
     """|| d(w_t l_t c_t)/d z_t ||_1 from a live forward of the initial weights (step 0), autograd
-    through the training path (`steps.distill_inputs` on the model's logits)."""
+    through the loss inputs of the training path on the model's logits (`whole_batch.distill_inputs`)."""
     from types import SimpleNamespace
 
     from hpcdistill.distill.loss import LossConfig, distill_loss
@@ -65,7 +65,7 @@ def _true_grad_l1(batch, config_overrides: dict) -> np.ndarray:
     from hpcdistill.models.scoring import project as _project, response_hidden
     from hpcdistill.spec.load import set_dotted, validate
     from hpcdistill.train.roles import load_models
-    from hpcdistill.train.update import distill_inputs
+    from hpcdistill.train.whole_batch import distill_inputs
 
     data = batch.spec_data
     for k, v in config_overrides.items():

@@ -107,6 +107,9 @@ class DistillInputs:
     teacher_buckets: torch.Tensor | None = None
     bucket_mask: torch.Tensor | None = None
     loss_mask: torch.Tensor | None = None
+    # [N] the per-token divergence of the support, already computed (training's full support
+    # computes it chunk by chunk from the logits, `train.update`, never holding [N, V] buckets)
+    divergence: torch.Tensor | None = None
 
 
 @dataclass
@@ -222,6 +225,14 @@ def bucket_divergence(student_lp: torch.Tensor, teacher_lp: torch.Tensor, diverg
     return beta * masked_kl(teacher_lp, mixture, mask) + (1 - beta) * masked_kl(student_lp, mixture, mask)
 
 
+def support_divergence(config: LossConfig, student_buckets: torch.Tensor, teacher_buckets: torch.Tensor,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The divergence of `config` between two sides' bucket logits [N, B] (the teacher a constant) -> [N]."""
+    s = bucket_log_probs(student_buckets, mask)
+    t = bucket_log_probs(teacher_buckets.detach().to(s.dtype), mask)
+    return bucket_divergence(s, t, config.divergence, config.beta, mask)
+
+
 def sampled_estimate(log_ratio: torch.Tensor, divergence: str, beta: float, estimator: str) -> torch.Tensor:
     """Single-sample estimate of D(S, T) at y ~ S from r = log p_S(y) - log p_T(y). [N] -> [N].
 
@@ -314,11 +325,13 @@ def distill_loss(config: LossConfig, batch: DistillInputs) -> LossOutput:
     valid = valid_tokens(weights, batch.loss_mask)
     metrics: Metrics = {}
     if config.support in ("topk", "full"):
-        if batch.student_buckets is None or batch.teacher_buckets is None:
+        if batch.divergence is not None:
+            divergence = batch.divergence
+        elif batch.student_buckets is None or batch.teacher_buckets is None:
             raise ValueError(f"support = {config.support!r} needs student_buckets and teacher_buckets")
-        s = bucket_log_probs(batch.student_buckets, batch.bucket_mask)
-        t = bucket_log_probs(batch.teacher_buckets.detach().to(s.dtype), batch.bucket_mask)
-        divergence = bucket_divergence(s, t, config.divergence, config.beta, batch.bucket_mask)  # [N]
+        else:
+            divergence = support_divergence(config, batch.student_buckets, batch.teacher_buckets,
+                                            batch.bucket_mask)  # [N]
         terms = _ratio_clip(batch.student_lp, batch.sampler_lp, config.is_clip) * divergence
         metrics["divergence"] = masked_mean(divergence, valid)
     elif config.support == "sampled":
@@ -354,5 +367,5 @@ def distill_loss(config: LossConfig, batch: DistillInputs) -> LossOutput:
 
 
 __all__ = ["LossConfig", "DistillInputs", "LossOutput", "in_rows", "support_ids", "support_columns", "TOPK_COLUMNS",
-           "with_tail", "topk_buckets", "bucket_log_probs", "bucket_divergence", "sampled_estimate",
+           "with_tail", "topk_buckets", "bucket_log_probs", "bucket_divergence", "support_divergence", "sampled_estimate",
            "discounted_returns", "valid_tokens", "weighted_mean", "masked_mean", "distill_loss"]

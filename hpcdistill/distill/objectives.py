@@ -124,6 +124,28 @@ def sequence_full_reward_advantages(
     return full_reward, full_reward - _group_mean(full_reward, group_index)
 
 
+def sequence_advantages(
+    task_reward: torch.Tensor,
+    teacher_lp: torch.Tensor,
+    inference_lp: torch.Tensor,
+    seq_index: torch.Tensor,
+    group_index: torch.Tensor,
+    *,
+    adv_tau: float,
+    teacher_tau: float,
+    student_tau: float,
+    use_full_reward_baseline: bool,
+    loss_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[B] the group-centred part of `context_distill_loss`'s advantage, from recorded values only:
+    full_reward - its group mean (sec. 4.2), or, per token (sec. 4.5), task_reward - its group mean."""
+    if use_full_reward_baseline:
+        return sequence_full_reward_advantages(
+            task_reward, teacher_lp, inference_lp, seq_index, group_index, adv_tau=adv_tau,
+            teacher_tau=teacher_tau, student_tau=student_tau, loss_mask=loss_mask)[1]
+    return task_reward - _group_mean(task_reward, group_index)
+
+
 def _group_mean(values: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
     """[B] -> [B]: the mean of each entry's group."""
     _, inverse = torch.unique(group_index, return_inverse=True)
@@ -138,7 +160,8 @@ def logprobs_at_temperature(logits: torch.Tensor, ids: torch.Tensor, temperature
     004 samples with top_p = 1). logits: [N, V], ids: [N] -> [N], with grad through `logits`.
     T = 0 (greedy) has no such distribution: the raw (T = 1) log-probs are returned."""
     scaled = logits if temperature in (0.0, 1.0) else logits / temperature
-    return torch.log_softmax(scaled.float(), -1).gather(-1, ids[:, None])[:, 0]
+    scaled = scaled if scaled.dtype == torch.float64 else scaled.float()
+    return torch.log_softmax(scaled, -1).gather(-1, ids[:, None])[:, 0]
 
 
 def context_distill_loss(
@@ -157,6 +180,7 @@ def context_distill_loss(
     token_mask_high: float = 8.0,
     weights: torch.Tensor | None = None,
     loss_mask: torch.Tensor | None = None,
+    sequence_advantage: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Sequence-reward context distillation, as reviewed in seed 004 sec. 4 (prime-rl's loss).
 
@@ -175,6 +199,9 @@ def context_distill_loss(
     ratio_t = exp(lp_S,t - lp_inference,t); tokens with ratio outside [token_mask_low,
     token_mask_high] are masked (sec. 6.2.6); loss = -sum_{kept t} w_t (ratio_t A_t) lp_S,t / n_valid
     with ratio_t A_t detached (sec. 4.2: "coeff.detach() * trainer_logprobs").
+    sequence_advantage: [B] the group-centred part computed beforehand over the whole batch
+    (`sequence_advantages`), for a micro-batch that holds only part of a problem's group; None
+    computes it here from this call's rollouts.
     Metrics: is_masked (fraction of valid tokens masked), geo_seq_ratio (per sequence
     exp(mean_t log ratio_t), averaged over sequences), teacher_kl (mean over valid tokens of
     lp_S - lp_T, the sampled KL(student || teacher) estimate; prime-rl logs the opposite sign).
@@ -186,15 +213,16 @@ def context_distill_loss(
     inference_lp = inference_lp.detach().to(current.dtype)
     task_reward = task_reward.detach().to(current.dtype)
 
+    if sequence_advantage is None:
+        sequence_advantage = sequence_advantages(
+            task_reward, teacher_lp, inference_lp, seq_index, group_index, adv_tau=adv_tau,
+            teacher_tau=teacher_tau, student_tau=student_tau, use_full_reward_baseline=use_full_reward_baseline,
+            loss_mask=loss_mask)
+    sequence_advantage = sequence_advantage.detach().to(current.dtype)
     if use_full_reward_baseline:
-        _, seq_advantage = sequence_full_reward_advantages(
-            task_reward, teacher_lp, inference_lp, seq_index, group_index,
-            adv_tau=adv_tau, teacher_tau=teacher_tau, student_tau=student_tau, loss_mask=loss_mask,
-        )  # fmt: skip
-        advantages = seq_advantage[seq_index]  # [N], constant within a sequence
+        advantages = sequence_advantage[seq_index]  # [N], constant within a sequence
     else:
-        task_advantage = task_reward - _group_mean(task_reward, group_index)
-        advantages = adv_tau * task_advantage[seq_index] + teacher_tau * teacher_lp - student_tau * current
+        advantages = adv_tau * sequence_advantage[seq_index] + teacher_tau * teacher_lp - student_tau * current
 
     log_ratio = current - inference_lp
     ratio = log_ratio.exp()
@@ -227,10 +255,22 @@ def sft_loss(
     student_logits: [N, V] at the positions predicting target_ids: [N] (the teacher's tokens).
     """
     log_probs = F.log_softmax(student_logits, dim=-1)
-    nll = -log_probs.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)  # [N]
+    target_lp = log_probs.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)  # [N]
+    return sft_loss_from_logprobs(target_lp, student_logits.argmax(-1) == target_ids, weights, loss_mask)
+
+
+def sft_loss_from_logprobs(
+    target_lp: torch.Tensor,
+    correct: torch.Tensor,
+    weights: torch.Tensor,
+    loss_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """`sft_loss` from what it reads of the logits: target_lp [N] log p_S(target) (with grad) and
+    correct [N] (argmax == target), as training computes them chunk by chunk (`train.update`)."""
+    nll = -target_lp
     valid = valid_tokens(weights, loss_mask)
     loss = weighted_mean(nll, weights, valid)
-    accuracy = (student_logits.argmax(-1) == target_ids).to(valid.dtype)
+    accuracy = correct.to(valid.dtype)
     return loss, {
         "loss": loss.detach(),
         "nll": masked_mean(nll, valid),

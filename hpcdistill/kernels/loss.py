@@ -220,13 +220,14 @@ def rows_loss_grad_triton_(s: torch.Tensor, t: torch.Tensor, scale: torch.Tensor
 class _FusedLinearDistill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, scale, teacher_logits, teacher_hidden, teacher_weight,
-                kind, beta, k, chunk, use_triton):
+                kind, beta, k, chunk, use_triton, return_rows):
         N = hidden.shape[0]
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh = torch.empty_like(hidden) if need_dh else None
         dw = torch.zeros_like(weight) if need_dw else None
         total = torch.zeros((), dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32,
                             device=hidden.device)
+        row_losses = torch.empty(N, dtype=total.dtype, device=hidden.device) if return_rows else None  # [N]
         for c in range(0, N, chunk):
             h_c = hidden[c:c + chunk]
             logits = h_c @ weight.T  # [C, V], input dtype
@@ -243,20 +244,25 @@ class _FusedLinearDistill(torch.autograd.Function):
                 dlogits = (g * sc.to(g.dtype)[:, None]).to(hidden.dtype)
                 del g
             total += (rows.to(total.dtype) * sc.to(total.dtype)).sum()
+            if return_rows:
+                row_losses[c:c + chunk] = rows
             if need_dh:
                 torch.matmul(dlogits, weight, out=dh[c:c + chunk])
             if need_dw:
                 dw.addmm_(dlogits.T, h_c)
             del logits, dlogits
         ctx.save_for_backward(dh, dw)
-        return total
+        if not return_rows:
+            return total
+        ctx.mark_non_differentiable(row_losses)
+        return total, row_losses
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *_grad_rows):  # the rows are non-differentiable: no gradient there
         dh, dw = ctx.saved_tensors
         g = grad_out.to(dh.dtype if dh is not None else dw.dtype)
         return (dh * g if dh is not None else None, dw * g if dw is not None else None,
-                None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None)
 
 
 def default_chunk(n_rows: int, vocab: int, budget_bytes: int = 1 << 28) -> int:
@@ -272,7 +278,8 @@ def fused_linear_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, *,
                               teacher_weight: torch.Tensor | None = None,
                               kind: str = "jsd", beta: float = 0.5, k: int = 20,
                               weights: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
-                              chunk: int | None = None, backend: str = "auto") -> torch.Tensor:
+                              chunk: int | None = None, backend: str = "auto",
+                              return_rows: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Distillation loss of the student logits h @ W^T against a teacher, never forming [N, V].
 
     hidden: [N, H] student final hidden states (requires_grad for dh); weight: [V, H] the student
@@ -280,7 +287,9 @@ def fused_linear_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, *,
     [N, H_t] with teacher_weight [V, H_t] (projected chunk by chunk, no gradient). weights,
     loss_mask: [N] as distill/objectives.py (default all ones). kind: one of KINDS. backend: "torch",
     "triton", or "auto" (Triton on CUDA when it imports). Returns a 0-d float32 loss
-    (float64 for float64 inputs) whose backward fills hidden.grad and weight.grad.
+    (float64 for float64 inputs) whose backward fills hidden.grad and weight.grad; with
+    `return_rows`, (loss, rows): rows [N] the per-token loss l_t before weights, mask and
+    normalisation, in the loss's dtype, detached.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -306,7 +315,7 @@ def fused_linear_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, *,
     th = teacher_hidden.detach() if teacher_hidden is not None else None
     tl_ = teacher_logits.detach() if teacher_logits is not None else None
     return _FusedLinearDistill.apply(hidden, weight, scale, tl_, th, tw, kind, float(beta), int(k),
-                                     int(chunk or default_chunk(N, V)), use_triton)
+                                     int(chunk or default_chunk(N, V)), use_triton, bool(return_rows))
 
 
 __all__ = ["fused_linear_distill_loss", "rows_loss_grad_torch", "rows_loss_grad_triton_", "default_chunk",

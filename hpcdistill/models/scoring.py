@@ -8,7 +8,9 @@ student's token s_t and the student's top-k ids.
 
 Memory: the forward pass returns hidden states only ([B, L, H]); the lm_head is applied to
 `chunk_size` response positions at a time, so at most two [chunk, V] float32 log-prob tensors exist
-at once, never [B, T, V] for both models (at V = 151,936 and T = 8k that would be ~10 GB).
+at once, never [B, T, V] for both models (at V = 151,936 and T = 8k that would be ~10 GB). With
+`kernels="auto"` on CUDA (or "triton") the fused kernel (`hpcdistill.kernels.scoring`) reads the
+two [chunk, V] logits in the model dtype once and no float32 [chunk, V] tensor exists at all.
 """
 
 from __future__ import annotations
@@ -109,7 +111,9 @@ class TeacherLogits:
     """The teacher's logits at the response positions of a batch, projected chunk by chunk.
 
     One forward of each member's decoder body (a plain teacher has one member; a trust-region
-    teacher two, `models.teachers.LogitMix`), then `chunk(c0, c1)` -> [C, V] float32 logits.
+    teacher two, `models.teachers.LogitMix`), then `chunk(c0, c1)` -> [C, V] float32 logits;
+    `chunk(c0, c1, upcast=False)`: a plain teacher's logits in its lm_head's dtype (no float32
+    copy, for the fused kernel); a mixture is always summed in float32.
     """
 
     def __init__(self, teacher: ModelHandle, seqs: list[Seq], lengths: list[int]):
@@ -122,10 +126,11 @@ class TeacherLogits:
     def num_positions(self) -> int:
         return self.parts[0][2].shape[0]
 
-    def chunk(self, c0: int, c1: int) -> torch.Tensor:
+    def chunk(self, c0: int, c1: int, upcast: bool = True) -> torch.Tensor:
         if len(self.parts) == 1 and self.parts[0][1] == 1.0:  # a plain teacher: no [C, V] copy
             model, _, hidden = self.parts[0]
-            return project(model, hidden[c0:c1]).float()
+            logits = project(model, hidden[c0:c1])
+            return logits.float() if upcast else logits
         out = None
         for model, weight, hidden in self.parts:
             logits = project(model, hidden[c0:c1]).float()
@@ -137,13 +142,18 @@ class TeacherLogits:
 def score_rollouts(student: ModelHandle, teacher: ModelHandle, student_seqs: list[Seq],
                    teacher_seqs: list[Seq], *, top_k: int = 20, full_vocab: bool = False,
                    chunk_size: int = 256, batch_size: int = 4, progress: bool = True,
-                   token_sets: dict[str, list[int]] | None = None) -> list[TokenScores]:
+                   token_sets: dict[str, list[int]] | None = None,
+                   kernels: str = "torch") -> list[TokenScores]:
     """Score each student rollout against its teacher context (see the module docstring).
 
     student_seqs[i], teacher_seqs[i]: (prompt_ids, response_ids). The same handle may be passed as
     student and teacher (self-distillation); the teacher still gets its own forward pass on its
-    own context.
+    own context. kernels (`trainer.kernels`): "torch" = the chunked torch path; "auto" = the fused
+    Triton kernel when the student is on CUDA, triton imports and top_k <= MAX_FUSED_K; "triton" =
+    the fused kernel always (CPU tests run it under TRITON_INTERPRET=1). Both give the same fields.
     """
+    if kernels not in ("torch", "auto", "triton"):
+        raise ValueError(f"kernels must be 'torch', 'auto' or 'triton', got {kernels!r}")
     if len(student_seqs) != len(teacher_seqs):
         raise ValueError(f"{len(student_seqs)} student sequences but {len(teacher_seqs)} teacher sequences")
     for side, seqs in (("student", student_seqs), ("teacher", teacher_seqs)):
@@ -169,8 +179,10 @@ def score_rollouts(student: ModelHandle, teacher: ModelHandle, student_seqs: lis
             teacher_logits = TeacherLogits(teacher, [teacher_seqs[i] for i in idx], Ts)
             s_tok = torch.tensor([x for i in idx for x in student_seqs[i][1][:lengths[i]]])  # [N]
             t_tok = torch.tensor([x for i in idx for x in teacher_seqs[i][1][:lengths[i]]])  # [N]
-            parts = [_score_chunk(student, hs[c:c + chunk_size], teacher_logits, c, s_tok[c:c + chunk_size],
-                                  t_tok[c:c + chunk_size], k, full_vocab, token_sets)
+            fused = kernels == "triton" or (kernels == "auto" and hs.is_cuda and _fused_supports(k))
+            score_chunk = _score_chunk_fused if fused else _score_chunk
+            parts = [score_chunk(student, hs[c:c + chunk_size], teacher_logits, c, s_tok[c:c + chunk_size],
+                                 t_tok[c:c + chunk_size], k, full_vocab, token_sets)
                      for c in range(0, hs.shape[0], chunk_size)]
             flat = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
             offsets = np.cumsum([0, *Ts])
@@ -206,27 +218,18 @@ def _score_chunk(student: ModelHandle, hs: torch.Tensor, teacher: TeacherLogits,
     top_t = torch.topk(lt, k, dim=-1)
     student_topk_lp = ls.gather(-1, ids)  # [C, k]
     teacher_at = lt.gather(-1, ids)  # [C, k]
-    student_at_t = ls.gather(-1, top_t.indices)  # [C, k]
+    s_tok, t_tok = s_tok.to(ls.device)[:, None], t_tok.to(ls.device)[:, None]
     out = {
-        "student_lp": ls.gather(-1, s_tok.to(ls.device)[:, None])[:, 0],
-        "teacher_lp": lt.gather(-1, s_tok.to(ls.device)[:, None])[:, 0],
-        "student_topk_ids": ids.int(),
-        "student_topk_lp": student_topk_lp,
-        "teacher_at_student_topk_lp": teacher_at,
+        "student_lp": ls.gather(-1, s_tok)[:, 0],
+        "teacher_lp": lt.gather(-1, s_tok)[:, 0],
         # Renormalising the gathered full-vocab log-probs over the slice equals renormalising the
         # gathered logits (shift invariance), so this is topk_kl of divergence.py on the same ids.
         "topk_kl": slice_kl(student_topk_lp, teacher_at),
         "entropy_s": entropy_from_logprobs(ls, p=ps),
         "entropy_t": entropy_from_logprobs(lt),
-        "teacher_own_lp": lt.gather(-1, t_tok.to(ls.device)[:, None])[:, 0],
-        "teacher_topk_ids": top_t.indices.int(),
-        "teacher_topk_lp": top_t.values,
-        "student_at_teacher_topk_lp": student_at_t,
-        "student_topk_mass": student_topk_lp.exp().sum(-1),
-        "teacher_topk_mass": top_t.values.exp().sum(-1),
-        "teacher_mass_at_student_topk": teacher_at.exp().sum(-1),
-        "student_mass_at_teacher_topk": student_at_t.exp().sum(-1),
-        "topk_overlap": topk_overlap(ids, top_t.indices),
+        "teacher_own_lp": lt.gather(-1, t_tok)[:, 0],
+        **_topk_fields(ids, student_topk_lp, teacher_at, top_t.indices, top_t.values,
+                       ls.gather(-1, top_t.indices)),
     }
     if full_vocab:
         out["full_kl"] = kl_from_logprobs(ls, lt, p=ps)
@@ -235,6 +238,76 @@ def _score_chunk(student: ModelHandle, hs: torch.Tensor, teacher: TeacherLogits,
         out[f"student_mass_{name}"] = ps.index_select(-1, ids_s).sum(-1)
         out[f"teacher_mass_{name}"] = lt.index_select(-1, ids_s).exp().sum(-1)
     return {name: t.cpu().numpy() for name, t in out.items()}
+
+
+def _fused_supports(k: int) -> bool:
+    """triton imports and the kernel's on-chip top-k holds k. Imported here, not at the top:
+    triton (optional, slow to import) loads only where the fused path may run."""
+    from hpcdistill.kernels import scoring as kernel_scoring
+    from hpcdistill.kernels.common import triton_available
+
+    return triton_available() and k <= kernel_scoring.MAX_FUSED_K
+
+
+def _score_chunk_fused(student: ModelHandle, hs: torch.Tensor, teacher: TeacherLogits, c0: int,
+                       s_tok: torch.Tensor, t_tok: torch.Tensor, k: int, full_vocab: bool,
+                       token_sets: dict[str, list[int]] | None = None) -> dict[str, np.ndarray]:
+    """`_score_chunk` through the fused kernel, same arguments and fields. One pass over the raw
+    [C, V] logits (model dtype) gives the lse of each side, the student top-k, entropies and KLs;
+    the rest are gathers of raw logits minus the lse ([C] / [C, k] / [C, |set|] float32), so no
+    float32 [C, V] tensor exists (except a mixed teacher's logits, summed in float32)."""
+    from hpcdistill.kernels import scoring as kernel_scoring
+
+    s_logits = project(student.model, hs)  # [C, V] model dtype
+    t_logits = teacher.chunk(c0, c0 + hs.shape[0], upcast=False).to(s_logits.device)  # [C, V]
+    res = kernel_scoring.fused_score(s_logits, t_logits, k)
+    lse_s, lse_t = res["student_lse"][:, None], res["teacher_lse"][:, None]  # [C, 1] float32
+
+    def lp_s(ids: torch.Tensor) -> torch.Tensor:  # [C, n] ids -> [C, n] student log-probs
+        return s_logits.gather(-1, ids).float() - lse_s
+
+    def lp_t(ids: torch.Tensor) -> torch.Tensor:
+        return t_logits.gather(-1, ids).float() - lse_t
+
+    top_t = torch.topk(t_logits, k, dim=-1)  # on raw logits: the same order as on log-probs
+    s_tok, t_tok = s_tok.to(s_logits.device)[:, None], t_tok.to(s_logits.device)[:, None]
+    out = {
+        "student_lp": lp_s(s_tok)[:, 0],
+        "teacher_lp": lp_t(s_tok)[:, 0],
+        "topk_kl": res["topk_kl"],
+        "entropy_s": res["entropy_s"],
+        "entropy_t": res["entropy_t"],
+        "teacher_own_lp": lp_t(t_tok)[:, 0],
+        **_topk_fields(res["student_topk_ids"], res["student_topk_lp"], res["teacher_at_student_topk_lp"],
+                       top_t.indices, top_t.values.float() - lse_t, lp_s(top_t.indices)),
+    }
+    if full_vocab:
+        out["full_kl"] = res["full_kl"]
+    for name, token_ids in (token_sets or {}).items():
+        ids_s = torch.as_tensor(token_ids, dtype=torch.long, device=s_logits.device)
+        out[f"student_mass_{name}"] = (s_logits.index_select(-1, ids_s).float() - lse_s).exp().sum(-1)
+        out[f"teacher_mass_{name}"] = (t_logits.index_select(-1, ids_s).float() - lse_t).exp().sum(-1)
+    return {name: t.cpu().numpy() for name, t in out.items()}
+
+
+def _topk_fields(ids: torch.Tensor, student_topk_lp: torch.Tensor, teacher_at: torch.Tensor,
+                 teacher_ids: torch.Tensor, teacher_topk_lp: torch.Tensor,
+                 student_at_teacher: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The [C, k] fields of both top-k sets (ids int64 in, int32 out) and the masses and overlap
+    derived from them (issue 11) -> dict of [C, k] and [C] tensors."""
+    return {
+        "student_topk_ids": ids.int(),
+        "student_topk_lp": student_topk_lp,
+        "teacher_at_student_topk_lp": teacher_at,
+        "teacher_topk_ids": teacher_ids.int(),
+        "teacher_topk_lp": teacher_topk_lp,
+        "student_at_teacher_topk_lp": student_at_teacher,
+        "student_topk_mass": student_topk_lp.exp().sum(-1),
+        "teacher_topk_mass": teacher_topk_lp.exp().sum(-1),
+        "teacher_mass_at_student_topk": teacher_at.exp().sum(-1),
+        "student_mass_at_teacher_topk": student_at_teacher.exp().sum(-1),
+        "topk_overlap": topk_overlap(ids, teacher_ids),
+    }
 
 
 _TOPK_FIELDS = ("student_topk_ids", "student_topk_lp", "teacher_at_student_topk_lp", "teacher_topk_ids",

@@ -205,6 +205,18 @@ class TrainerSpec:
     strategy: Literal["single", "deepspeed", "fsdp"] = "single"
     zero_stage: int = opt(2, ge=1, le=3)  # deepspeed only
     nproc: int = opt(2, ge=1)  # ranks on the CPU (gloo); on GPUs one rank per trainer device
+    # The memory-bounded step (docs/trainer.md, "Micro-batches"): each rank's items are packed into
+    # micro-batches of at most this many forward tokens (rows x longest row, padding included),
+    # one backward each, one optimizer step per step; an item longer than this is a micro-batch
+    # of its own. The loss and its gradient equal the whole batch's.
+    micro_batch_tokens: int = opt(8192, ge=1)
+    # The compute path of scoring and of the loss: "auto" = the fused Triton kernels on CUDA where
+    # they compute what the spec asks (docs/gpu-kernels.md), else the chunked torch path;
+    # "torch" = always the chunked torch path (the reference).
+    kernels: Literal["auto", "torch"] = "auto"
+    # Recompute each decoder layer's activations in backward (transformers' gradient
+    # checkpointing): the decoder's memory per micro-batch from one layer's, at ~1/3 more compute.
+    gradient_checkpointing: bool = False
 
 
 @dataclass(frozen=True)

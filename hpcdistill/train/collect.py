@@ -72,18 +72,21 @@ class Verifier:
 @dataclass(frozen=True)
 class Scorer:
     """Both sides' per-token scores under the run's `[scoring]` settings; `token_sets`: the
-    vocabulary ids whose mass is recorded (`scoring.backtrack_words`), looked up once."""
+    vocabulary ids whose mass is recorded (`scoring.backtrack_words`), looked up once; `kernels`:
+    the compute path (`trainer.kernels`: "auto" = the fused kernel on CUDA, "torch")."""
 
     top_k: int
     full_vocab: bool
     chunk_size: int
     batch_size: int
     token_sets: dict[str, list[int]]
+    kernels: str
 
     @classmethod
     def of(cls, spec: Spec, tokenizer) -> "Scorer":
         sc = spec.scoring
-        return cls(sc.top_k, sc.full_vocab, sc.chunk_size, sc.batch_size, token_sets(spec, tokenizer))
+        return cls(sc.top_k, sc.full_vocab, sc.chunk_size, sc.batch_size, token_sets(spec, tokenizer),
+                   spec.trainer.kernels)
 
     def score(self, models: Models, student_seqs: list[Seq], teacher_seqs: list[Seq], *,
               progress: bool = True, with_token_sets: bool = True) -> list[TokenScores]:
@@ -92,7 +95,8 @@ class Scorer:
             return score_rollouts(models.student, models.teacher, student_seqs, teacher_seqs, top_k=self.top_k,
                                   full_vocab=self.full_vocab, chunk_size=self.chunk_size,
                                   batch_size=self.batch_size, progress=progress,
-                                  token_sets=self.token_sets if with_token_sets else None)
+                                  token_sets=self.token_sets if with_token_sets else None,
+                                  kernels=self.kernels)
 
 
 def token_sets(spec: Spec, tokenizer) -> dict[str, list[int]]:

@@ -104,6 +104,12 @@ class DeepSpeedTrainer(Trainer):
     def _zero_grad(self):
         self.engine.zero_grad()
 
+    def _before_micro_batch(self, last):
+        # DeepSpeed's own accumulation: a variable number of micro-batches per step, so the
+        # boundary is set by hand (gradient_accumulation_steps stays 1: no 1/GAS scaling, the
+        # parts are already scaled by their token shares) and engine.step() steps at the last.
+        self.engine.set_gradient_accumulation_boundary(last)
+
     def _backward(self, loss):
         self.engine.backward(loss)
 
@@ -189,6 +195,9 @@ class FSDPTrainer(Trainer):
 
     def _before_forward(self):
         self.model.unshard()  # the root's parameters; the layers unshard themselves in forward
+
+    def _before_micro_batch(self, last):
+        self.model.set_requires_gradient_sync(last)  # accumulate locally, reduce-scatter once
 
     def _after_forward(self):
         self.model.reshard()

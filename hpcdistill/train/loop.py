@@ -92,6 +92,8 @@ def start_training(spec: Spec, paths: RunPaths, models: Models) -> tuple[torch.n
     initial_checksum = weights_checksum(models.student.model)  # ablation arms start identical
     reference = initial_reference(spec, models)
     apply_lora(spec, models)
+    if spec.trainer.gradient_checkpointing:  # HF recomputes each layer in backward (training mode only)
+        models.student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainer = build_trainer(TrainerConfig.from_spec(spec), models.student.model)
     models.student.model = trainer.model  # the teacher "same" is the same handle: it follows
     models.trainer = trainer

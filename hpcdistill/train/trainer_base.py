@@ -112,22 +112,41 @@ class Trainer:
     def shard(self, sizes: Sequence[int], groups: Sequence[Any] | None = None) -> tuple[list[int], float]:
         return shard_indices(sizes, self.rank, self.world_size, groups)
 
-    def step(self, loss_fn: LossFn) -> dict[str, float]:
-        """zero_grad -> loss_fn() -> backward -> clip -> AdamW step.
+    def step(self, micro_batches: LossFn | Sequence[LossFn]) -> dict[str, float]:
+        """zero_grad -> for each micro-batch: its loss -> backward -> then clip -> AdamW step.
 
-        loss_fn returns (this rank's part of the batch loss, metrics already reduced with
-        `reduce_metrics`); the parts add up over ranks to the single-process loss.
+        Each callable returns (this rank's part of the batch loss, metrics already reduced with
+        `reduce_metrics`); the parts add up over micro-batches and ranks to the single-process
+        loss of the whole batch, and the returned metrics are the sum of theirs. Every rank must
+        pass as many micro-batches (`max_over_ranks`): ZeRO and FSDP communicate in each.
         """
+        parts = [micro_batches] if callable(micro_batches) else list(micro_batches)
         self.model.train()
         self._zero_grad()
-        self._before_forward()
-        loss, metrics = loss_fn()
-        # DeepSpeed and FSDP average gradients over ranks; the parts must be summed.
-        self._backward(loss * self.world_size)
+        total = torch.zeros((), dtype=torch.float64)
+        metrics: dict[str, float] = {}
+        for index, loss_fn in enumerate(parts):
+            self._before_forward()
+            self._before_micro_batch(last=index == len(parts) - 1)
+            loss, named = loss_fn()
+            # DeepSpeed and FSDP average gradients over ranks; the parts must be summed.
+            self._backward(loss * self.world_size)
+            total += loss.detach().double().cpu()
+            for key, value in named.items():
+                metrics[key] = metrics.get(key, 0.0) + float(value)
         grad_norm = self._clip_and_step()
         self.model.eval()
-        total = self.all_reduce_sum(loss.detach().float().reshape(1))
+        total = self.all_reduce_sum(total.reshape(1))
         return {**metrics, "train/loss_total": float(total[0]), "train/grad_norm": float(grad_norm)}
+
+    def max_over_ranks(self, value: int) -> int:
+        """The largest `value` of any rank (every rank calls)."""
+        if self.world_size == 1:
+            return value
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        out = torch.tensor([value], dtype=torch.long, device=device)
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        return int(out.item())
 
     @contextmanager
     def full_parameters(self):
@@ -215,6 +234,9 @@ class Trainer:
 
     def _after_forward(self) -> None:
         pass
+
+    def _before_micro_batch(self, last: bool) -> None:
+        """Before each micro-batch's forward; `last`: its backward ends the step's accumulation."""
 
     def _backward(self, loss: torch.Tensor) -> None:
         loss.backward()
