@@ -69,13 +69,15 @@ def cmd_plan(args) -> int:
 
 
 def cmd_render(args) -> int:
-    from hpcdistill.launch.submit import render_script
+    from hpcdistill.launch.submit import node_layout, render_script
 
     loaded = _load(args)
     for i, script in enumerate(render_script(loaded)):
         if i:
             print("\n# ---- next array ----\n")
         print(script)
+    if loaded.spec.launch.nodes > 1:  # after the scripts, which are exactly what sbatch gets
+        print("\n".join(node_layout(loaded.spec)))
     return 0
 
 

@@ -10,7 +10,9 @@ With `trainer.strategy = "deepspeed"` or `"fsdp"` the task's process starts the 
 (`train.trainer_processes.launch_trainer_processes`: one per trainer GPU, `trainer.nproc` on the CPU),
 each running this same module; the ranks run the pipeline and rank 0 writes the shards, the
 checkpoint metadata, the model and its summary into status.json; the task's process records the
-outcome. Signals reach the ranks through the launcher.
+outcome. Signals reach the ranks through the launcher. With `launch.nodes > 1` the job has one
+task per node: each starts its node's ranks, and only node 0's records the run (docs/trainer.md,
+"Several nodes").
 """
 
 from __future__ import annotations
@@ -90,27 +92,65 @@ def _set_threads(spec, ranks: int = 1) -> None:
     log.info("torch uses %d CPU threads", torch.get_num_threads())
 
 
-def _run_trainer_ranks(spec, paths: RunPaths, roles: RoleDevices) -> dict:
-    """Start the trainer ranks over the trainer role's devices; rank 0's summary, or an error."""
-    from hpcdistill.train.distributed import TrainerConfig, trainer_nproc
-    from hpcdistill.train.trainer_processes import launch_trainer_processes
+def _launch_node_ranks(spec, paths: RunPaths, roles: RoleDevices, nproc: int, received: list[int]) -> int:
+    """Start this node's `nproc` trainer ranks over the trainer role's devices; their exit status.
+    Under launch.nodes > 1 every node's task calls this, and the agents meet at node 0's."""
+    from hpcdistill.train.trainer_processes import NodeRendezvous, launch_trainer_processes
 
-    nproc = trainer_nproc(TrainerConfig.from_spec(spec), roles.trainer)
     env = dict(os.environ, **{ROLES_ENV: json.dumps({r: list(getattr(roles, r)) for r in
                                                      ("rollout", "teacher", "trainer")})})
     if _task_cpus(spec):
         env["OMP_NUM_THREADS"] = str(max(1, _task_cpus(spec) // nproc))
-    _set_status(paths, summary=None, trainer={"strategy": spec.trainer.strategy, "ranks": nproc})
+    rendezvous = NodeRendezvous.from_environ(spec.launch.nodes, os.environ) if spec.launch.nodes > 1 else None
+    return launch_trainer_processes(["-m", "hpcdistill.worker", str(paths.root)], roles.trainer, nproc,
+                                    env=env, received=received, rendezvous=rendezvous)
+
+
+def _run_trainer_ranks(spec, paths: RunPaths, roles: RoleDevices) -> dict:
+    """Start the trainer ranks (node 0's, under launch.nodes > 1); rank 0's summary, or an error."""
+    from hpcdistill.train.distributed import TrainerConfig, trainer_nproc
+
+    nproc = trainer_nproc(TrainerConfig.from_spec(spec), roles.trainer)
+    ranks = nproc * spec.launch.nodes
+    nodes = {"nodes": spec.launch.nodes} if spec.launch.nodes > 1 else {}
+    _set_status(paths, summary=None, trainer={"strategy": spec.trainer.strategy, "ranks": ranks, **nodes})
     received: list[int] = []
-    code = launch_trainer_processes(["-m", "hpcdistill.worker", str(paths.root)], roles.trainer, nproc,
-                                    env=env, received=received)
+    code = _launch_node_ranks(spec, paths, roles, nproc, received)
     status = read_json(paths.status)
     if code == 0 and status.get("summary") is not None:
         return status["summary"]
     if received:  # our handler returned (submitit bypasses SIGTERM): the run was stopped, not failed
         raise SystemExit(f"trainer ranks stopped by signal {', '.join(str(s) for s in received)}")
-    raise RuntimeError(f"the {nproc} trainer ranks exited with status {code}: "
+    raise RuntimeError(f"the {ranks} trainer ranks exited with status {code}: "
                        f"{status.get('error') or 'see ' + str(paths.log)}")
+
+
+def _node(paths: RunPaths) -> int:
+    """This task's node of a several-node run (SLURM_NODEID, when the run asks for launch.nodes > 1),
+    else 0. One task per node: node 0's records the run, the others only run their ranks."""
+    node = int(os.environ.get("SLURM_NODEID") or 0)
+    return node if node and load_spec(paths.spec).spec.launch.nodes > 1 else 0
+
+
+def _run_other_node(paths: RunPaths, node: int) -> dict:
+    """Node 1.. of a several-node run: this node's trainer ranks, nothing else. Node 0's task
+    records the run's state; global rank 0, on node 0, writes the shards and the summary."""
+    from hpcdistill.train.distributed import TrainerConfig, trainer_nproc
+
+    spec = load_spec(paths.spec).spec
+    done = paths.status.exists() and read_json(paths.status).get("state") == "completed"
+    if done or spec.train.steps == 0:  # node 0 starts no ranks either
+        return {"node": node, "ranks": 0}
+    roles = assign_roles(spec.launch.gpus, os.environ)
+    nproc = trainer_nproc(TrainerConfig.from_spec(spec), roles.trainer)
+    received: list[int] = []
+    code = _launch_node_ranks(spec, paths, roles, nproc, received)
+    if received:
+        raise SystemExit(f"node {node}'s trainer ranks stopped by signal {', '.join(str(s) for s in received)}")
+    if code != 0:
+        raise RuntimeError(f"node {node}'s {nproc} trainer ranks exited with status {code}; see {paths.log} "
+                           "and node 0's log")
+    return {"node": node, "ranks": nproc}
 
 
 def _roles_of_task(spec) -> RoleDevices:
@@ -133,7 +173,7 @@ def _run_rank(paths: RunPaths) -> dict:
     handler = _attach_log(paths, rank)
     try:
         spec = load_spec(paths.spec).spec
-        _set_threads(spec, ranks=dist.get_world_size())
+        _set_threads(spec, ranks=int(os.environ["LOCAL_WORLD_SIZE"]))  # this node's ranks share its CPUs
         roles = _roles_of_task(spec)
         from hpcdistill.train.loop import run_training
 
@@ -180,6 +220,9 @@ def run(run_dir: str | Path) -> dict:
 
     if in_trainer_process():
         return _run_rank(paths)
+    node = _node(paths)
+    if node:
+        return _run_other_node(paths, node)
     handler = _attach_log(paths)
     try:
         previous = read_json(paths.status) if paths.status.exists() else {}

@@ -87,7 +87,10 @@ EOF
   "$PY" -c 'import json, sys
 runs = json.load(open(sys.argv[1]))
 print("run states:", {r["run_id"]: r["state"] for r in runs})
-sys.exit(0 if runs and all(r["state"] == "completed" for r in runs) else 1)' "$dir/status.json"
+sys.exit(0 if runs and all(r["state"] == "completed" for r in runs) else 1)' "$dir/status.json" || return
+  ((DRY)) && return  # the CPU takes the torch path
+  grep -rh "through the fused Triton loss" "$dir/runs/gpu-check" --include=worker.log \
+    || { echo "the step did not take the fused Triton loss"; return 1; }
 }
 export -f train_step
 export PY RESULTS DRY
@@ -106,8 +109,16 @@ assert torch.cuda.is_available(), "torch sees no CUDA device"
 print(torch.cuda.get_device_name())'
 fi
 
-# (1) the tests run their kernels in Triton's interpreter on CPU tensors, GPU or not
-step fused-tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_fused_scoring.py tests/test_fused_loss.py
+# (1) the kernels compiled for the GPU (tests/test_fused_native.py; it skips without CUDA), then the
+# interpreter tests (CPU tensors, GPU or not)
+if ((DRY)); then
+  step fused-tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_fused_scoring.py tests/test_fused_loss.py \
+    tests/test_fused_pipeline.py
+else
+  step fused-native 120 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_fused_native.py
+  step fused-tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_fused_scoring.py tests/test_fused_loss.py \
+    tests/test_fused_pipeline.py
+fi
 if ((DRY)); then
   step gpu-scoring 60 "$PY" bench/gpu_scoring.py --cpu-smoke
   step gpu-loss 60 "$PY" bench/gpu_loss.py --cpu-smoke

@@ -3,7 +3,8 @@ and FSDP2, runs the whole loop on the bundled SmolLM2-135M, and rank 0 writes th
 
 Compared with the same spec under `trainer.strategy = "single"` (tests/test_distributed.py
 compares the trainers on fixed batches; this file checks the wiring: sharding of the loop's
-items, scoring under FSDP, rank-0-only writes, checkpoint and resume through the worker).
+items, scoring split over the ranks (under FSDP too), rank-0-only writes, checkpoint and resume
+through the worker).
 
 Tolerances, measured here (2-core CPU, float32): every rank samples and scores bit-identically
 to the single process, so the step-0 rollouts are equal and the losses differ only in the order
@@ -133,6 +134,8 @@ def test_deepspeed_zero2_run_through_the_worker_matches_the_single_process_step(
     for key in ("train/loss_total", "train/loss", "train/topk_kl"):
         assert got[key] == pytest.approx(want[key], rel=LOSS_RTOL), key
     assert got["train/grad_norm"] == pytest.approx(want["train/grad_norm"], rel=GRAD_NORM_RTOL)
+    # each rank scored its half of the batch: the teacher forwarded each token once, not twice
+    assert got["scoring/teacher_tokens"] == want["scoring/teacher_tokens"] > 0
     assert not deepspeed_2_steps.checkpoint.exists()  # a completed run drops its resume state
     log = deepspeed_2_steps.log.read_text().splitlines()
     assert any(" rank0: step 1/2" in line for line in log)
@@ -148,6 +151,7 @@ def test_fsdp2_run_through_the_worker_matches_the_single_process_step(single, tm
     for key in ("train/loss_total", "train/loss", "train/topk_kl"):
         assert got[key] == pytest.approx(want[key], rel=LOSS_RTOL), key
     assert got["train/grad_norm"] == pytest.approx(want["train/grad_norm"], rel=GRAD_NORM_RTOL)
+    assert got["scoring/teacher_tokens"] == want["scoring/teacher_tokens"] > 0
     # step 1 is measured at w_1 (scoring inside full_parameters): the same as the single process's
     assert got["topk_kl_mean"] == pytest.approx(want["topk_kl_mean"], rel=LOSS_RTOL)
     assert shard_metrics(paths, 1)["topk_kl_mean"] == pytest.approx(shard_metrics(single, 1)["topk_kl_mean"],

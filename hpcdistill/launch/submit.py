@@ -24,7 +24,7 @@ from hpcdistill.errors import LaunchError
 from hpcdistill.launch.container import python_command
 from hpcdistill.rundir import RunPaths, SweepPaths, read_json, read_manifest, write_atomic, write_json_atomic
 from hpcdistill.spec.load import LoadedSpec
-from hpcdistill.spec.schema import LaunchSpec
+from hpcdistill.spec.schema import LaunchSpec, Spec
 from hpcdistill.spec.sweep import Run, expand
 
 log = logging.getLogger(__name__)
@@ -96,11 +96,37 @@ def slurm_parameters(launch: LaunchSpec, job_name: str, run_root: Path) -> dict[
     total_gpus = launch.gpus.rollout + launch.gpus.teacher + launch.gpus.trainer
     if total_gpus:
         params["gpus_per_node"] = total_gpus
+    if launch.nodes > 1:  # one task per node, each starting its node's trainer ranks (node_layout)
+        params.update(nodes=launch.nodes, ntasks_per_node=1)
     if launch.setup:
         params["setup"] = list(launch.setup)
     if launch.slurm_extra:
         params["additional_parameters"] = dict(launch.slurm_extra)
     return params
+
+
+def node_layout(spec: Spec) -> list[str]:
+    """The roles on each node of a several-node run, as comment lines (`hpcdistill render`).
+
+    Every node gets the same allocation (`--gpus-per-node` is per node) and splits it as one node
+    does (rollout, teacher, trainer); rollout and teacher run on node 0 only, so their GPUs on
+    the other nodes stay idle. Node k's n trainer devices hold ranks k*n .. k*n+n-1."""
+    gpus, nodes = spec.launch.gpus, spec.launch.nodes
+    per_node = gpus.trainer or spec.trainer.nproc  # trainer_nproc: one rank per GPU, else trainer.nproc
+
+    def ids(start: int, count: int) -> str:
+        return ",".join(str(i) for i in range(start, start + count))
+
+    trainer = f"trainer GPUs {ids(gpus.rollout + gpus.teacher, gpus.trainer)}" if gpus.trainer else "trainer on the CPU"
+    node0 = [f"{role} GPUs {ids(start, count)}" for role, start, count in
+             (("rollout", 0, gpus.rollout), ("teacher", gpus.rollout, gpus.teacher)) if count]
+    idle = f"; GPUs {ids(0, gpus.rollout + gpus.teacher)} idle" if gpus.rollout + gpus.teacher else ""
+    lines = [f"# launch.nodes = {nodes}: one task per node, each with {gpus.rollout + gpus.teacher + gpus.trainer} "
+             f"GPUs (Slurm allocates the same on every node); {per_node * nodes} {spec.trainer.strategy} "
+             f"trainer ranks, {per_node} per node",
+             f"#   node 0: {', '.join([*node0, trainer])} (ranks {ids(0, per_node)}); records the run"]
+    lines += [f"#   node {k}: {trainer} (ranks {ids(k * per_node, per_node)}){idle}" for k in range(1, nodes)]
+    return lines
 
 
 def task_python(launch: LaunchSpec, run_root: Path) -> str:
@@ -119,6 +145,9 @@ def _current_python() -> str:
 def make_executor(kind: str, launch: LaunchSpec, sweep: SweepPaths, job_name: str):
     if kind not in EXECUTORS:
         raise LaunchError(f"--executor {kind!r}: allowed: {', '.join(EXECUTORS)}")
+    if launch.nodes > 1 and kind != "slurm":  # the spec's own executor was checked when it loaded
+        raise LaunchError(f"--executor {kind!r}: launch.nodes = {launch.nodes} needs the slurm executor "
+                          "(several nodes are a Slurm job); use --executor slurm or launch.nodes = 1")
     folder = sweep.logs / "%j"
     if kind == "slurm":
         if shutil.which("sbatch") is None:

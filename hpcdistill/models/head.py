@@ -60,6 +60,42 @@ class StudentHead:
         return torch.cat(parts)
 
 
+    def at(self, ids: torch.Tensor) -> torch.Tensor:
+        """[n, S] the logits at ids [n, S] (a top-k support): h_t . W[id] for each id, with W the
+        lm_head weight, in O(n S H) instead of the O(n V H) of a projection, recomputed per chunk in
+        backward like `columns`; through `columns` when the head is not a plain readable Linear
+        (ZeRO-3 partitions it outside its module's forward)."""
+        weight, bias, cap = _plain_head(self.model)
+        if weight is None:
+            return self.columns(lambda logits, sl: logits.gather(-1, ids[sl]))
+        grad = torch.is_grad_enabled() and (self.hidden.requires_grad or weight.requires_grad)
+        parts = []
+        for c0 in range(0, self.num_positions, self.chunk):
+            sl = slice(c0, min(c0 + self.chunk, self.num_positions))
+
+            def chunk_fn(h: torch.Tensor, sl: slice = sl) -> torch.Tensor:
+                out = torch.einsum("ch,csh->cs", h, weight[ids[sl]])  # [C, S]
+                if bias is not None:
+                    out = out + bias[ids[sl]]
+                if cap:  # Gemma-style soft-capping, elementwise like `project`
+                    out = torch.tanh(out / cap) * cap
+                return upcast(out)
+
+            h = self.hidden[sl]
+            parts.append(checkpoint(chunk_fn, h, use_reentrant=False) if grad else chunk_fn(h))
+        return torch.cat(parts) if parts else upcast(self.hidden.new_zeros((0, ids.shape[-1])))
+
+
+def _plain_head(model):
+    """(weight [V, H], bias or None, soft-cap or None) of a causal LM's lm_head when it is an
+    nn.Linear whose whole weight this process holds; (None, None, None) otherwise."""
+    head = model.get_output_embeddings()
+    vocab = getattr(model.config, "vocab_size", None)
+    if type(head) is not torch.nn.Linear or head.weight.dim() != 2 or head.weight.shape[0] != vocab:
+        return None, None, None
+    return head.weight, head.bias, getattr(model.config, "final_logit_softcapping", None)
+
+
 def upcast(logits: torch.Tensor) -> torch.Tensor:
     """float32 logits for the losses (float64 stays float64: the equality checks run in it)."""
     return logits if logits.dtype == torch.float64 else logits.float()

@@ -161,7 +161,7 @@ def cross_errors(spec: Spec) -> list[tuple[str, str]]:
         errors.append(("rollout.policy_lag", f"keeps the lagged weights by swapping them into the student's "
                        f"parameters, which trainer.strategy = {spec.trainer.strategy!r} shards over ranks; use "
                        "trainer.strategy 'single' or 'deepspeed' with zero_stage 1 or 2, or policy_lag = 0"))
-    errors += benchmark_errors(spec)
+    errors += benchmark_errors(spec) + nodes_errors(spec)
     return errors
 
 
@@ -189,5 +189,21 @@ def benchmark_errors(spec: Spec) -> list[tuple[str, str]]:
     return errors
 
 
+def nodes_errors(spec: Spec) -> list[tuple[str, str]]:
+    """launch.nodes > 1: the trainer ranks of one run span several nodes of a Slurm job."""
+    nodes, executor = spec.launch.nodes, spec.launch.executor
+    if nodes == 1:
+        return []
+    errors = []
+    if spec.trainer.strategy == "single":
+        errors.append(("launch.nodes", f"is {nodes}: the nodes hold trainer ranks, which trainer.strategy "
+                       "'deepspeed' or 'fsdp' starts; trainer.strategy is 'single': set it, or launch.nodes = 1"))
+    if executor != "slurm":
+        errors.append(("launch.nodes", f"is {nodes}: several nodes are a Slurm job's (launch.executor = "
+                       f"'slurm'); launch.executor is {executor!r}, which runs on this machine only: "
+                       "set launch.executor = 'slurm', or launch.nodes = 1"))
+    return errors
+
+
 __all__ = ["LEGACY_OBJECTIVES", "ONLY_WHEN", "TEMPLATE_FIELDS", "resolve_presets", "canonical_objective",
-           "resolve_train", "cross_errors", "template_errors"]
+           "resolve_train", "cross_errors", "template_errors", "nodes_errors"]

@@ -316,6 +316,9 @@ class LaunchSpec:
     cpus_per_task: int | None = opt(None, ge=1)
     mem_gb: float | None = opt(None, gt=0)
     gpus: GpuSpec = field(default_factory=GpuSpec)
+    # Nodes per run, one Slurm task each: the trainer ranks span them (deepspeed/fsdp); each gets
+    # `gpus`, rollout and teacher run on node 0 (docs/trainer.md, "Several nodes")
+    nodes: int = opt(1, ge=1)
     container: ContainerSpec | None = None
     pass_env: list[str] = field(default_factory=list)  # variables a task needs, by name
     setup: list[str] = field(default_factory=list)  # shell lines before the task (module load ...)

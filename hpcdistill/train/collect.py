@@ -9,7 +9,7 @@ the scorer carry the run's settings (`Verifier`, `Scorer`), bound once per run b
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -73,7 +73,11 @@ class Verifier:
 class Scorer:
     """Both sides' per-token scores under the run's `[scoring]` settings; `token_sets`: the
     vocabulary ids whose mass is recorded (`scoring.backtrack_words`), looked up once; `kernels`:
-    the compute path (`trainer.kernels`: "auto" = the fused kernel on CUDA, "torch")."""
+    the compute path (`trainer.kernels`: "auto" = the fused kernel on CUDA, "torch").
+
+    Over several trainer ranks each scores its contiguous share of the sequences and every rank
+    gathers all of them, so the teacher forwards each token once per step whatever the number of
+    ranks; `counts["teacher_tokens"]` adds up what this process's teacher scored."""
 
     top_k: int
     full_vocab: bool
@@ -81,6 +85,7 @@ class Scorer:
     batch_size: int
     token_sets: dict[str, list[int]]
     kernels: str
+    counts: dict[str, int] = field(default_factory=lambda: {"teacher_tokens": 0})
 
     @classmethod
     def of(cls, spec: Spec, tokenizer) -> "Scorer":
@@ -91,12 +96,34 @@ class Scorer:
     def score(self, models: Models, student_seqs: list[Seq], teacher_seqs: list[Seq], *,
               progress: bool = True, with_token_sets: bool = True) -> list[TokenScores]:
         """scores[i]: student_seqs[i] against teacher_seqs[i], position by position."""
+        mine = _score_share(models, len(student_seqs))
         with models.full_parameters():  # FSDP / ZeRO-3: the decoder body is called directly
-            return score_rollouts(models.student, models.teacher, student_seqs, teacher_seqs, top_k=self.top_k,
-                                  full_vocab=self.full_vocab, chunk_size=self.chunk_size,
-                                  batch_size=self.batch_size, progress=progress,
-                                  token_sets=self.token_sets if with_token_sets else None,
-                                  kernels=self.kernels)
+            scores = score_rollouts(models.student, models.teacher, [student_seqs[i] for i in mine],
+                                    [teacher_seqs[i] for i in mine], top_k=self.top_k,
+                                    full_vocab=self.full_vocab, chunk_size=self.chunk_size,
+                                    batch_size=self.batch_size, progress=progress,
+                                    token_sets=self.token_sets if with_token_sets else None, kernels=self.kernels)
+        self.counts["teacher_tokens"] += sum(len(sc) for sc in scores)
+        if models.world_size == 1:
+            return scores
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * models.world_size
+        dist.all_gather_object(parts, dict(zip(mine, scores)))  # a padding repeat: the same scores
+        merged = {i: sc for part in parts for i, sc in part.items()}
+        return [merged[i] for i in range(len(student_seqs))]
+
+
+def _score_share(models: Models, n: int) -> list[int]:
+    """This rank's contiguous share of n sequences. Where every forward is a collective (FSDP,
+    ZeRO-3), a rank with fewer repeats its last sequence (or the first), so all run as many batches."""
+    if models.world_size == 1:
+        return list(range(n))
+    trainer, per = models.trainer, -(-n // models.world_size)
+    mine = list(range(min(trainer.rank * per, n), min((trainer.rank + 1) * per, n)))
+    if trainer.shards_parameters and n:
+        mine += [mine[-1] if mine else 0] * (per - len(mine))
+    return mine
 
 
 def token_sets(spec: Spec, tokenizer) -> dict[str, list[int]]:

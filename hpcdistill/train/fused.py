@@ -18,6 +18,8 @@ tests/test_fused_pipeline.py, in Triton's interpreter).
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -27,7 +29,9 @@ from hpcdistill.models.scoring import response_hidden
 from hpcdistill.models.teachers import teacher_members
 from hpcdistill.spec.schema import Spec
 
+log = logging.getLogger(__name__)
 _KINDS = {"reverse": "reverse_kl", "forward": "forward_kl", "jsd": "jsd"}
+_announced: set[str] = set()
 
 
 def kernel_kind(config: LossConfig, top_k: int) -> str | None:
@@ -72,6 +76,10 @@ def distill_objective(spec: Spec, models, items, weights: list[np.ndarray], *, b
 
     config = LossConfig.from_train(spec.train)
     kind = kernel_kind(config, spec.scoring.top_k)
+    if kind not in _announced:  # once per process: which path a run's update takes, in its log
+        _announced.add(kind)
+        log.info("the distill loss (%s) goes through the fused Triton loss (trainer.kernels = %r)", kind,
+                 spec.trainer.kernels)
     lengths = [len(it.scores.student_lp) for it in items]
     student = models.student
     hidden = response_hidden(student, [it.student_seq for it in items], lengths)  # [N, H], with grad

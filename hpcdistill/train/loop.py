@@ -123,6 +123,7 @@ def train_step(spec: Spec, paths: RunPaths, models: Models, problems: list[Probl
     step_plan = schedules.plan(spec.train, step)
     if models.policy_lag is not None:  # keep w_step: steps step .. step + k sample with it
         models.policy_lag.record(step, models.student.model)
+    scored_before = scorer.counts["teacher_tokens"]
     batch = step_problems(spec, problems, step)
     batch, teacher_sampled = split_on_policy(spec, batch, step)
     prefixes = (teacher_prefixes(spec, models, batch, step, step_plan.seed_tokens)
@@ -137,6 +138,7 @@ def train_step(spec: Spec, paths: RunPaths, models: Models, problems: list[Probl
     off_items, off_metrics = off_policy_items(spec, models, problems, batch, teacher_sampled, step, step_plan,
                                               verifier, scorer)
     metrics |= off_metrics
+    metrics["scoring/teacher_tokens"] = _over_ranks(models, scorer.counts["teacher_tokens"] - scored_before)
     if teacher_sampled:  # GKD's lambda < 1: the step's on- and off-policy parts by their token shares
         step_plan = token_share_plan(items, off_items)
     if eval_due(spec, step):
@@ -175,6 +177,13 @@ def train_step(spec: Spec, paths: RunPaths, models: Models, problems: list[Probl
                          policy_lag_files(models))  # rank 0 publishes
         sync_rollout_weights(spec, paths, models, step + 1)
     return metrics
+
+
+def _over_ranks(models: Models, value: float) -> float:
+    """A per-process count summed over the trainer ranks (every rank calls)."""
+    if models.world_size == 1:
+        return float(value)
+    return float(models.trainer.all_reduce_sum(torch.tensor([float(value)], dtype=torch.float64))[0])
 
 
 def off_policy_items(spec: Spec, models: Models, problems: list[Problem], batch: list[Problem],

@@ -80,7 +80,7 @@ def plan_step(spec: Spec, student: ModelShape, teacher: ModelShape | None, promp
     problems = spec.train.problems_per_step or spec.task.num_problems
     items = problems * spec.rollout.samples_per_problem
     response = spec.rollout.max_new_tokens
-    ranks = max(spec.launch.gpus.trainer, 1) if spec.trainer.strategy != "single" else 1
+    ranks = max(spec.launch.gpus.trainer, 1) * spec.launch.nodes if spec.trainer.strategy != "single" else 1
     mine, _ = shard_indices([response] * items, 0, ranks, groups=[i // spec.rollout.samples_per_problem
                                                                   for i in range(items)])
     batches = plan_micro_batches([prompt_tokens + response - 1] * len(mine), spec.trainer.micro_batch_tokens)

@@ -1,5 +1,6 @@
 """The trainer's ranks as processes: joining the process group inside a rank, and starting,
-signalling and stopping the ranks from the Slurm task (`torch.distributed.run --standalone`).
+signalling and stopping the ranks from the Slurm task (`torch.distributed.run`: `--standalone` on
+one node; on several, one agent per node meeting at the job's first node, `NodeRendezvous`).
 
 The ranks are started in their own session (a signal to the task's group reaches them only through
 `launch_trainer_processes`, which passes SIGTERM, SIGINT and SIGUSR2 on) but die with the process
@@ -14,14 +15,80 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from hpcdistill.errors import LaunchError
+
 log = logging.getLogger(__name__)
+
+RDZV_HOST_ENV = "HPCDISTILL_RDZV_HOST"  # overrides the job's first node (a test: 127.0.0.1)
+RDZV_PORT_ENV = "HPCDISTILL_RDZV_PORT"  # overrides the port derived from the job id
+
+
+@dataclass(frozen=True)
+class NodeRendezvous:
+    """Where the torchrun agents of a several-node job meet: node 0's agent serves the store at
+    `host:port` and every agent knows it without talking to the others (host: the job's first
+    node; port: from the job id). torchrun's static rendezvous, not c10d: c10d ignores
+    --node_rank and orders agents by host name and pid, but global rank 0 (shards, status, the
+    vLLM server) must be on node 0, whose task holds the run's bookkeeping and rollout GPUs."""
+
+    nnodes: int
+    node_rank: int
+    host: str
+    port: int
+    job_id: str
+
+    @classmethod
+    def from_environ(cls, nnodes: int, environ: Mapping[str, str]) -> "NodeRendezvous":
+        """From what Slurm sets in each task of a job of `nnodes` nodes, one task per node
+        (SLURM_NNODES, SLURM_NODEID, SLURM_JOB_ID, SLURM_JOB_NODELIST), and the overrides."""
+        missing = [k for k in ("SLURM_NNODES", "SLURM_NODEID", "SLURM_JOB_ID", "SLURM_JOB_NODELIST")
+                   if not environ.get(k)]
+        if missing:
+            raise LaunchError(f"key 'launch.nodes': is {nnodes}, but this task has no {', '.join(missing)}: "
+                              f"several nodes run as a Slurm job (launch.executor = 'slurm')")
+        if int(environ["SLURM_NNODES"]) != nnodes:
+            raise LaunchError(f"key 'launch.nodes': is {nnodes}, but the job has {environ['SLURM_NNODES']} "
+                              "nodes (SLURM_NNODES); submit with `hpcdistill submit`, which asks for launch.nodes")
+        job_id = environ["SLURM_JOB_ID"]
+        port = int(environ.get(RDZV_PORT_ENV) or rendezvous_port(job_id))
+        host = environ.get(RDZV_HOST_ENV) or first_host(environ["SLURM_JOB_NODELIST"])
+        return cls(nnodes, int(environ["SLURM_NODEID"]), host, port, job_id)
+
+
+def rendezvous_port(job_id: str) -> int:
+    """29500..49499, the same on every node of the job; two jobs sharing a first node differ
+    unless their ids are 20,000 apart (then set HPCDISTILL_RDZV_PORT)."""
+    return 29500 + int(job_id) % 20000
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list ("gpu[003-004,007]" -> "gpu003"): node 0 of the job,
+    as `scontrol show hostnames` orders them. submitit's parser (what its
+    `JobEnvironment().hostnames` returns; private, submitit is pinned <1.6) needs no Slurm config."""
+    from submitit.slurm.slurm import _parse_node_list
+
+    return _parse_node_list(nodelist)[0]
+
+
+def torchrun_args(nproc: int, rendezvous: NodeRendezvous | None = None) -> list[str]:
+    """torch.distributed.run's options: `nproc` ranks on this node, alone (--standalone takes a
+    free port, so tasks sharing a node never collide) or as node `node_rank` of a rendezvous;
+    ranks are then node_rank * nproc + local rank."""
+    if rendezvous is None:
+        where = ["--standalone", "--nnodes=1"]
+    else:
+        r = rendezvous
+        where = [f"--nnodes={r.nnodes}", f"--node_rank={r.node_rank}", "--rdzv_backend=static",
+                 f"--rdzv_endpoint={r.host}:{r.port}", f"--rdzv_id={r.job_id}"]
+    return [*where, f"--nproc_per_node={nproc}", "--max_restarts=0"]
 
 
 def in_trainer_process() -> bool:
@@ -43,7 +110,8 @@ def init_process_group() -> torch.device:
 
 def launch_trainer_processes(argv: Sequence[str], devices: Sequence[str], nproc: int,
                              env: dict[str, str] | None = None, grace_s: float = 30.0,
-                             received: list[int] | None = None) -> int:
+                             received: list[int] | None = None,
+                             rendezvous: NodeRendezvous | None = None) -> int:
     """Run `python <argv...>` as `nproc` ranks inside this task; returns the ranks' exit status.
 
     argv: what follows `python`, e.g. ["-m", "hpcdistill.worker", run_dir]. devices: the trainer
@@ -52,14 +120,14 @@ def launch_trainer_processes(argv: Sequence[str], devices: Sequence[str], nproc:
     if they have not ended `grace_s` later; the caller then handles the signal as usual.
     `received`: a list that gets the signals passed on (a caller's handler may return, as
     submitit's does for SIGTERM: the caller then knows the ranks were stopped, not failed).
+    `rendezvous`: this task's node of a several-node job (every node's task calls this), or None.
     """
     environ = dict(os.environ if env is None else env)
     environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
     if not devices:
         environ["DS_ACCELERATOR"] = "cpu"
     environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(nproc, 1))))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-           f"--nproc_per_node={nproc}", "--max_restarts=0", *argv]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(nproc, rendezvous), *argv]
     log.info("starting %d trainer ranks on %s: %s", nproc, ",".join(devices) or "cpu", " ".join(cmd))
     # Own session (a signal to this task's group reaches the ranks only through `forward`), but
     # killed with this process: a task killed outright (SIGKILL, a lost node) leaves no ranks.
@@ -155,4 +223,4 @@ def _main_thread() -> bool:
 
 
 __all__ = ["in_trainer_process", "init_process_group", "launch_trainer_processes", "process_tree",
-           "die_with_parent"]
+           "die_with_parent", "NodeRendezvous", "rendezvous_port", "first_host", "torchrun_args"]

@@ -103,7 +103,10 @@ def distill_inputs(config: LossConfig, models: Models, items: list[ScoredRollout
             cols.append(support_divergence(config, logits, teacher_logits)[:, None])
         return torch.cat(cols, -1)
 
-    out = head.columns(columns)  # [N, 1 (+1) (+S) (+1)]
+    if ids is not None and not needs_lse:  # SDPO's renormalised top-k: only logits at y and the ids
+        out = head.at(torch.cat([y[:, None], ids], -1))  # [N, 1 + S], no projection over V
+    else:
+        out = head.columns(columns)  # [N, 1 (+1) (+S) (+1)]
     lse = out[:, 1] if needs_lse else torch.zeros(len(y), device=device, dtype=out.dtype)
     batch = DistillInputs(
         weights=_cat(weights, device, torch.float32), lengths=lengths, loss_mask=valid,
