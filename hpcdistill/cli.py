@@ -128,6 +128,17 @@ def _print_status(sweep_dir: Path) -> list:
 def cmd_status(args) -> int:
     from hpcdistill.launch.status import sweep_status
 
+    if args.watch or args.once:  # steps, loss and eval reward from each run's metrics.jsonl
+        from hpcdistill.launch.watch import progress_table, sweep_progress, watch
+
+        if args.once:
+            print(progress_table(sweep_progress(args.run_dir), _overrides_text))
+            return 0
+        try:
+            watch(args.run_dir, _overrides_text, interval_s=args.interval)
+        except KeyboardInterrupt:
+            pass
+        return 0
     if args.json:
         print(json.dumps([{"run_id": s.run_id, "seed": s.seed, "overrides": s.overrides,
                            "state": s.state, "job_id": s.job_id,
@@ -282,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="table of runs and their states")
     p.add_argument("run_dir", help="sweep directory: <output_dir>/<experiment.name>")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--watch", action="store_true",
+                   help="refresh a table of steps, loss and eval reward until every run has ended (Ctrl-C stops)")
+    p.add_argument("--interval", type=float, default=10.0, metavar="SECONDS", help="--watch's refresh period")
+    p.add_argument("--once", action="store_true", help="print --watch's table once and exit")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("resubmit", help="submit again the runs that failed or never ran")

@@ -24,6 +24,10 @@ Layout:
             vllm.log                         the rollout server's log
             model/                           the final student (train.save_model), loadable by id
             worker.log                       the worker's log
+            metrics.jsonl                    one line per step: {"step", "time", **metrics} (`[log]`)
+            tensorboard/                     TensorBoard's event files (log.backends "tensorboard")
+            wandb_id                         the run's W&B id, kept for a resumed task (log.backends "wandb")
+            wandb/                           W&B's own folder (offline-run-*/ or run-*/), made by wandb.init
 
     <output_dir>/<experiment.name>/          LoopPaths.root, `hpcdistill loop`'s directory
         loop.json                            the loop record (named by loop.record_file)
@@ -174,6 +178,20 @@ class RunPaths:
     @property
     def log(self) -> Path:
         return self.root / "worker.log"
+
+    @property
+    def metrics_log(self) -> Path:
+        """metrics.jsonl: one JSON line per recorded step, appended by rank 0 after the step's shard."""
+        return self.root / "metrics.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def wandb_id(self) -> Path:
+        """The W&B run id of this run (one line), written by its first task, read by a resumed one."""
+        return self.root / "wandb_id"
 
     @property
     def run_id(self) -> str:

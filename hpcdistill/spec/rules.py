@@ -7,6 +7,7 @@
   "sampled"`); a non-default value elsewhere would be silently ignored, so it is an error.
 - Templates may use only the fields the code fills in; anything else would raise KeyError in the
   middle of a run.
+- A `[log]` backend must be importable where the spec loads, not fail after the models are loaded.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ TEMPLATE_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 DISTILL_METHODS = ("on_policy", "on_policy_gkd", "extended_on_policy")
+
+# log.backends -> the module it needs (the `track` extra installs both)
 
 
 def resolve_presets(data: dict[str, Any], origins: dict[str, str]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
@@ -161,7 +164,7 @@ def cross_errors(spec: Spec) -> list[tuple[str, str]]:
         errors.append(("rollout.policy_lag", f"keeps the lagged weights by swapping them into the student's "
                        f"parameters, which trainer.strategy = {spec.trainer.strategy!r} shards over ranks; use "
                        "trainer.strategy 'single' or 'deepspeed' with zero_stage 1 or 2, or policy_lag = 0"))
-    errors += benchmark_errors(spec) + nodes_errors(spec)
+    errors += benchmark_errors(spec) + nodes_errors(spec) + tracking_errors(spec)
     return errors
 
 
@@ -205,5 +208,14 @@ def nodes_errors(spec: Spec) -> list[tuple[str, str]]:
     return errors
 
 
+def tracking_errors(spec: Spec) -> list[tuple[str, str]]:
+    """log.backends: each backend listed once. Whether its package is installed is checked where
+    runs are submitted (`command_rules.check_tracking_installed`), not wherever a spec loads: a
+    shard's spec must still read on a machine without wandb."""
+    backends = spec.log.backends
+    return [("log.backends", f"names {name!r} twice; list each backend once")
+            for name in sorted({b for b in backends if backends.count(b) > 1})]
+
+
 __all__ = ["LEGACY_OBJECTIVES", "ONLY_WHEN", "TEMPLATE_FIELDS", "resolve_presets", "canonical_objective",
-           "resolve_train", "cross_errors", "template_errors", "nodes_errors"]
+           "resolve_train", "cross_errors", "template_errors", "nodes_errors", "tracking_errors"]

@@ -332,6 +332,20 @@ class LaunchSpec:
 
 
 @dataclass(frozen=True)
+class LogSpec:
+    """Where rank 0 reports each step's metrics while the run trains (hpcdistill.train.tracking,
+    docs/tracking.md). Not science: the same run logged elsewhere has the same id."""
+
+    # jsonl: RUN_DIR/metrics.jsonl (what `hpcdistill status --watch` reads); tensorboard: scalars in
+    # RUN_DIR/tensorboard/; wandb: one W&B run per run. wandb and tensorboard: pip install 'hpcdistill[track]'
+    backends: list[Literal["jsonl", "wandb", "tensorboard"]] = field(default_factory=lambda: ["jsonl"])
+    project: str | None = None  # W&B project; None = experiment.name
+    entity: str | None = None  # W&B entity (team or user); None = the account's default
+    # offline: W&B writes under RUN_DIR/wandb/ and needs no network or key (`wandb sync` uploads later)
+    mode: Literal["offline", "online"] = "offline"
+
+
+@dataclass(frozen=True)
 class Spec:
     experiment: ExperimentSpec
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -347,6 +361,7 @@ class Spec:
     loop: LoopSpec = field(default_factory=LoopSpec)
     sweep: SweepSpec = field(default_factory=SweepSpec)
     launch: LaunchSpec = field(default_factory=LaunchSpec)
+    log: LogSpec = field(default_factory=LogSpec)
 
     @property
     def seeds(self) -> list[int]:

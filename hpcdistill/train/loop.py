@@ -4,7 +4,9 @@ For step = 0 .. train.steps:
     collect   rollout -> feedback -> teacher context -> scoring at the current weights w_step  (train.collect)
     mask      supervision weights per token (`[mask]`)                                         (train.update)
     update    objective -> backward -> clip -> AdamW       (not after the last step)            (train.update)
-    record    the step's shard, written atomically; then the checkpoint of w_{step+1}          (train.recording)
+    record    the step's shard, written atomically                                             (train.recording)
+    report    rank 0: the step's metrics to `[log]` (metrics.jsonl, TensorBoard, W&B)          (train.tracking)
+              then the checkpoint of w_{step+1}
 
 A measurement is the same loop with train.steps = 0: step 0 alone, collected and recorded with no
 trainer, no masks and no eval; a requeued measurement skips the run when its shard exists.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -45,6 +48,7 @@ from hpcdistill.train.roles import (Models, apply_lora, check_parity, current_we
                                     save_model, sync_rollout_weights, teacher_state_files, update_teacher,
                                     weights_checksum)
 from hpcdistill.train.seeds import SeedStream, eval_stream, step_seed
+from hpcdistill.train.tracking import Tracker
 from hpcdistill.train.trainer_base import TrainerConfig
 from hpcdistill.train.trainer_checkpoint import checkpoint_file
 from hpcdistill.train.update import (initial_reference, split_on_policy, supervision_masks, token_share_plan,
@@ -70,12 +74,14 @@ def run_training(spec: Spec, paths: RunPaths, roles: RoleDevices) -> dict[str, A
         paths.shards.mkdir(parents=True, exist_ok=True)
     fixed = FixedSet(paths, problems) if spec.scoring.rescore_step0 else None  # seed 000 exp. 3
     verifier, scorer = Verifier.of(spec), Scorer.of(spec, models.student.tokenizer)  # bound once per run
-    with rollout_engine(spec, models, paths):
+    # rank 0 alone reports each step to `[log]`'s backends (closed, as failed, on an exception too)
+    with rollout_engine(spec, models, paths), \
+            (Tracker.open(spec, paths, last_done + 1) if models.is_main else nullcontext()) as tracker:
         if last_done >= 0:  # the engine starts on the initial weights: serve the resumed ones
             sync_rollout_weights(spec, paths, models, last_done + 1)
         for step in range(last_done + 1, spec.train.steps + 1):
             metrics = train_step(spec, paths, models, problems, eval_problems, reference, initial_checksum, step,
-                                 fixed=fixed, verifier=verifier, scorer=scorer)
+                                 fixed=fixed, verifier=verifier, scorer=scorer, tracker=tracker)
             log.info("step %d/%d: %s", step, spec.train.steps, ", ".join(
                 f"{k}={v:.4g}" for k, v in metrics.items() if not k.endswith("seconds")))
     if not training:
@@ -110,9 +116,10 @@ def start_training(spec: Spec, paths: RunPaths, models: Models) -> tuple[torch.n
 def train_step(spec: Spec, paths: RunPaths, models: Models, problems: list[Problem],
                eval_problems: list[Problem], reference: torch.nn.Module | None, initial_checksum: str | None,
                step: int, fixed: FixedSet | None = None, *, verifier: Verifier | None = None,
-               scorer: Scorer | None = None) -> dict[str, float]:
+               scorer: Scorer | None = None, tracker: Tracker | None = None) -> dict[str, float]:
     """One step: collect at w_step, mask, update to w_{step+1}, record; then checkpoint and sync.
     `fixed`: step 0's rollouts, re-scored at w_step and recorded too (`scoring.rescore_step0`).
+    `tracker` (rank 0): the step's metrics to `[log]`'s backends, once its shard is written.
     A measurement (train.steps = 0, `initial_checksum` None) records no supervision masks, step
     time, method or checksum: its shard is what it measured."""
     trainer = models.trainer
@@ -171,6 +178,8 @@ def train_step(spec: Spec, paths: RunPaths, models: Models, problems: list[Probl
             if training:
                 metrics["step_seconds"] = time.monotonic() - t0
             writer.add_metrics(step, metrics)
+        if tracker is not None:
+            tracker.log(step, metrics)
     if step < steps:
         if (step + 1) % spec.train.checkpoint_every == 0 or step == steps - 1:
             trainer.save(paths.checkpoint, step, extra=teacher_state_files(spec, models) |
