@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +37,11 @@ from hpcdistill.rundir import RunPaths, read_json, write_json_atomic
 from hpcdistill.spec.load import load_spec
 
 log = logging.getLogger("hpcdistill.worker")
+# Set by WorkerTask.checkpoint (submitit's preemption handler). submitit then leaves with
+# sys.exit from inside the signal handler; if the signal landed in a weakref callback (torch's
+# checkpointed chunks make many), Python swallows that SystemExit and the task would train on
+# beside its requeued successor: the loop stops at its next step instead.
+_REQUEUED = threading.Event()
 
 ROLES_ENV = "HPCDISTILL_ROLES"  # the task's GPU roles, as JSON, handed to the trainer ranks
 
@@ -248,7 +254,7 @@ def run(run_dir: str | Path) -> dict:
             else:
                 from hpcdistill.train.loop import run_training
 
-                summary = run_training(spec, paths, roles)
+                summary = run_training(spec, paths, roles, should_stop=_REQUEUED.is_set)
         except BaseException as exc:
             if requeue_raced(exc):
                 # submitit's preemption handler ran `scontrol requeue`, and Slurm, having accepted the
@@ -287,6 +293,7 @@ class WorkerTask(submitit.helpers.Checkpointable):
         if paths.status.exists():
             _set_status(paths, state="requeued", ended=_now())
         log.info("run %s: checkpoint requested, requeueing", paths.run_id)
+        _REQUEUED.set()
         return submitit.helpers.DelayedSubmission(WorkerTask(), run_dir)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import nullcontext
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -57,7 +58,8 @@ from hpcdistill.train.update import (initial_reference, split_on_policy, supervi
 log = logging.getLogger(__name__)
 
 
-def run_training(spec: Spec, paths: RunPaths, roles: RoleDevices) -> dict[str, Any]:
+def run_training(spec: Spec, paths: RunPaths, roles: RoleDevices,
+                 should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Every step of the run not yet done, on one process or as one rank of several (docs/trainer.md):
     every rank runs the whole loop; rank 0 alone writes shards, checkpoint metadata and the model.
     train.steps = 0 (a measurement): step 0 alone, without a trainer; skipped when its shard exists."""
@@ -80,6 +82,9 @@ def run_training(spec: Spec, paths: RunPaths, roles: RoleDevices) -> dict[str, A
         if last_done >= 0:  # the engine starts on the initial weights: serve the resumed ones
             sync_rollout_weights(spec, paths, models, last_done + 1)
         for step in range(last_done + 1, spec.train.steps + 1):
+            if should_stop is not None and should_stop():  # the task was requeued (worker.WorkerTask)
+                log.warning("stopping before step %d: this task was requeued", step)
+                raise SystemExit(-1)
             metrics = train_step(spec, paths, models, problems, eval_problems, reference, initial_checksum, step,
                                  fixed=fixed, verifier=verifier, scorer=scorer, tracker=tracker)
             log.info("step %d/%d: %s", step, spec.train.steps, ", ".join(
