@@ -22,6 +22,7 @@ Layout:
                                              policy_lag.pt (rollout.policy_lag's held weights)
             rollout_weights/                 the weights the vLLM rollout server loads
             vllm.log                         the rollout server's log
+            teacher.log                      the teacher role's log, when it runs apart (launch.teacher_process)
             model/                           the final student (train.save_model), loadable by id
             worker.log                       the worker's log
             metrics.jsonl                    one line per step: {"step", "time", **metrics} (`[log]`)
@@ -165,6 +166,10 @@ class RunPaths:
     @property
     def vllm_log(self) -> Path:
         return self.root / "vllm.log"
+
+    @property
+    def teacher_log(self) -> Path:
+        return self.root / "teacher.log"
 
     def staging(self, final: Path) -> Path:
         """A hidden sibling of `final` (a folder of this run) to write into and rename into place."""

@@ -116,7 +116,7 @@ def test_no_file_is_longer_than_one_sitting():
 
 
 # file names of the sweep and run directories (hpcdistill.rundir's docstring)
-LAYOUT_NAMES = ["manifest.json", "run.json", "status.json", "worker.log", "rollout_weights", "vllm.log",
+LAYOUT_NAMES = ["manifest.json", "run.json", "status.json", "worker.log", "rollout_weights", "vllm.log", "teacher.log",
                 "probe_report.md", "teacher_ema.safetensors", "policy_lag.pt", ".model.tmp", "metrics.jsonl",
                 "wandb_id"]
 

@@ -116,7 +116,7 @@ def test_debug_executor_runs_in_process(tmp_path):
 def test_more_gpus_than_allocated_fails_before_loading_a_model(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_GPUS_ON_NODE", "2")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    spec = make_spec(tmp_path, "too-many-gpus", "gpus = { rollout = 1, teacher = 1, trainer = 1 }\n")
+    spec = make_spec(tmp_path, "too-many-gpus", "gpus = { rollout = 2, teacher = 0, trainer = 1 }\n")
     result = submit(load_spec(spec), executor="debug")
     paths = result.sweep.run(result.runs[0].run_id)
     status = read_json(paths.status)
@@ -219,7 +219,7 @@ def test_slurm_sweep_of_12_runs_is_one_job_array_and_every_task_completes(slurm,
     monkeypatch.setenv("PATH", f"{shim}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("WANDB_API_KEY", PLANTED)
     spec = make_spec(tmp_path, "slurm-sweep",
-                     'gpus = { rollout = 1, teacher = 1, trainer = 2 }\n'
+                     'gpus = { rollout = 1, teacher = 0, trainer = 2 }\n'
                      '[sweep]\ngrid = { "rollout.temperature" = [0.5, 1.0, 1.5], "scoring.top_k" = [4, 8] }\n',
                      seeds="[0, 1]")
     assert len(expand(load_spec(spec))) == 12
@@ -236,7 +236,7 @@ def test_slurm_sweep_of_12_runs_is_one_job_array_and_every_task_completes(slurm,
     for run_id, status in done.items():
         assert manifest["runs"][run_id]["job_id"].startswith(array["job_id"] + "_")
         assert status["job_id"] == manifest["runs"][run_id]["job_id"]
-        assert status["roles"] == {"rollout": ["0"], "teacher": ["1"], "trainer": ["2", "3"]}
+        assert status["roles"] == {"rollout": ["0"], "teacher": [], "trainer": ["1", "2"]}
         assert status["env_passed"] == {"WANDB_API_KEY": True}
         assert sweep.run(run_id).shard(0).exists()
     capsys.readouterr()

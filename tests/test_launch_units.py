@@ -54,6 +54,8 @@ def test_render_wraps_the_task_in_apptainer_and_never_writes_a_secret(tmp_path, 
 name = "render-me"
 output_dir = "{tmp_path / 'runs'}"
 num_seeds = 3
+[teacher]
+weights = "initial"
 [launch]
 executor = "slurm"
 partition = "gpu"

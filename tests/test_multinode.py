@@ -35,6 +35,8 @@ name = "two-nodes"
 output_dir = "{tmp_path / 'runs'}"
 [train]
 steps = 1
+[teacher]
+weights = "initial"
 [trainer]
 {trainer}
 [launch]

@@ -25,7 +25,8 @@ from hpcdistill.errors import ModelError
 from hpcdistill.models.generation import sampling_logprobs
 from hpcdistill.models.loading import bundled_gguf_path, converted_gguf_dir, load_model
 from hpcdistill.models.vllm_backend import VLLMServer, generate_vllm, resolve_vllm_python
-from hpcdistill.models.vllm_server import _group_alive, free_port, vllm_importable
+from hpcdistill.models.child_process import _group_alive
+from hpcdistill.models.vllm_server import free_port, vllm_importable
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 

@@ -212,14 +212,16 @@ def converted_gguf_dir(gguf: Path, name: str, cache_dir: str | os.PathLike | Non
 # loading
 
 
-def _from_pretrained(source: str, model_id: str, torch_dtype: torch.dtype, local_only: bool):
+def _from_pretrained(source: str, model_id: str, torch_dtype: torch.dtype, local_only: bool,
+                     device_map: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # Hub ids use the HF cache (HF_HOME / HF_HUB_CACHE), not ours: it is shared with other tools.
     kwargs: dict[str, Any] = {"local_files_only": local_only}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs,
+                                                     **({"device_map": device_map} if device_map else {}))
     except (OSError, ValueError, KeyError) as exc:
         where = ("offline (HF_HUB_OFFLINE is set; only the local HF cache is read)" if local_only
                  else "from the hub, nor offline from the local HF cache")
@@ -229,8 +231,10 @@ def _from_pretrained(source: str, model_id: str, torch_dtype: torch.dtype, local
 
 
 def load_model(model_id: str, *, dtype: str = "float32", device: str = "cpu",
-               cache_dir: str | os.PathLike | None = None) -> ModelHandle:
-    """Load `model_id` (see the module docstring for its forms) in eval mode on `device`."""
+               cache_dir: str | os.PathLike | None = None, spread: bool = False) -> ModelHandle:
+    """Load `model_id` (see the module docstring for its forms) in eval mode on `device`.
+    `spread` (device "cuda"): the layers spread over every visible GPU by transformers' device
+    map (a teacher larger than one GPU); inputs go to the first, the device of the handle."""
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     t0 = time.monotonic()
@@ -250,8 +254,13 @@ def load_model(model_id: str, *, dtype: str = "float32", device: str = "cpu",
         source, local_only = str(Path(model_id).expanduser()), True
     else:
         source, local_only = model_id, offline
-    model, tokenizer = _from_pretrained(source, model_id, torch_dtype, local_only)
-    model.to(dev).eval()
+    model, tokenizer = _from_pretrained(source, model_id, torch_dtype, local_only,
+                                        device_map="auto" if spread and dev.type == "cuda" else None)
+    if spread and dev.type == "cuda":
+        dev = torch.device("cuda", 0)
+        model.eval()
+    else:
+        model.to(dev).eval()
     if tokenizer.pad_token_id is None:  # needed for batching; masked out everywhere it is used
         tokenizer.pad_token = tokenizer.eos_token
     handle = ModelHandle(model=model, tokenizer=tokenizer, model_id=model_id, device=dev,

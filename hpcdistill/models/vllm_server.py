@@ -24,15 +24,12 @@ the new directory. LoRA adapters are loaded at run time with `/v1/load_lora_adap
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -44,13 +41,11 @@ from typing import Any
 import torch
 
 from hpcdistill.errors import ModelError
+from hpcdistill.models.child_process import ChildProcess
 
 log = logging.getLogger(__name__)
 
 ENV_VLLM_PYTHON = "HPCDISTILL_VLLM_PYTHON"
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
-LOG_TAIL_LINES = 40
-SHUTDOWN_GRACE_S = 15.0
 
 
 def resolve_vllm_python(configured: str = "python3") -> str:
@@ -94,12 +89,14 @@ def model_stop_token_ids(model_dir: str | os.PathLike) -> tuple[int, ...]:
     return stop_token_ids(tokenizer, SimpleNamespace(generation_config=gen_config))
 
 
-class VLLMServer:
+class VLLMServer(ChildProcess):
     """vLLM's OpenAI-compatible server on a free local port; use as a context manager.
 
     `weight_version` is the training step whose weights the server holds (0 = the initial
     weights); the caller stores it with every rollout it samples.
     """
+
+    what = "the vLLM server"
 
     def __init__(self, model_dir: str | os.PathLike, *, python: str, dtype: str = "float32",
                  port: int | None = None, max_logprobs: int = 20, startup_timeout_s: float = 300,
@@ -107,12 +104,16 @@ class VLLMServer:
                  log_path: str | os.PathLike | None = None, host: str = "127.0.0.1",
                  served_model_name: str = "policy", lora_max_rank: int | None = None,
                  request_timeout_s: float = 1800, weight_version: int = 0):
+        if log_path is None:
+            fd, name = tempfile.mkstemp(prefix="hpcdistill-vllm-", suffix=".log")
+            os.close(fd)
+            log_path = name
+        super().__init__(log_path, startup_timeout_s)
         self.model_dir = Path(model_dir)
         self.python = python
         self.dtype = dtype
         self.requested_port = port
         self.max_logprobs = max_logprobs
-        self.startup_timeout_s = startup_timeout_s
         self.extra_args = tuple(extra_args)
         self.extra_env = dict(env or {})
         self.host = host
@@ -122,16 +123,7 @@ class VLLMServer:
         self.weight_version = weight_version
         self.model_name = served_model_name  # what requests ask for: the base, or a LoRA adapter
         self.port: int | None = None
-        self.startup_s: float | None = None
         self.last_sync: tuple[str, float] | None = None  # (method, seconds) of the last load_weights
-        if log_path is None:
-            fd, name = tempfile.mkstemp(prefix="hpcdistill-vllm-", suffix=".log")
-            os.close(fd)
-            log_path = name
-        self.log_path = Path(log_path)
-        self._proc: subprocess.Popen | None = None
-        self._previous_handlers: dict[int, Any] = {}
-        self._stop_lock = threading.RLock()  # re-entered by a signal arriving mid-stop
         self._stop_tokens: tuple[int, ...] | None = None
 
     # ---------------------------------------------------------------------------------------------
@@ -140,10 +132,6 @@ class VLLMServer:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
 
     def __enter__(self) -> VLLMServer:
         return self.start()
@@ -190,38 +178,11 @@ class VLLMServer:
     def _start_on(self, port: int) -> None:
         t0 = time.monotonic()
         self.port = port
-        cmd = self.command(port)
-        with open(self.log_path, "ab") as log_file:
-            log_file.write(f"\n# hpcdistill: {' '.join(cmd)}\n".encode())
-            log_file.flush()
-            try:
-                self._proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
-                                              stdin=subprocess.DEVNULL, env=self.environment(),
-                                              start_new_session=True)  # own process group
-            except OSError as exc:
-                self._proc = None
-                raise ModelError(f"cannot start the vLLM server with python {self.python!r}: {exc}. "
-                                 f"Set rollout.vllm_python or ${ENV_VLLM_PYTHON} to a Python "
-                                 "that has vllm installed (docs/vllm.md)") from exc
-        self._install_handlers()
-        atexit.register(self.stop)
-        log.info("vLLM server starting on %s (pid %d, log %s)", self.url, self._proc.pid, self.log_path)
-        deadline = t0 + self.startup_timeout_s
-        while True:
-            code = self._proc.poll()
-            if code is not None:
-                self.stop()
-                raise ModelError(f"the vLLM server for {self.model_dir} exited with code {code} "
-                                 f"during startup. Last lines of {self.log_path}:\n{self.log_tail()}")
-            if self._healthy():
-                break
-            if time.monotonic() > deadline:
-                self.stop()
-                raise ModelError(f"the vLLM server for {self.model_dir} did not answer /health on "
-                                 f"{self.url} within {self.startup_timeout_s:.0f} s. Last lines of "
-                                 f"{self.log_path}:\n{self.log_tail()}")
-            time.sleep(0.5)
-        self.startup_s = time.monotonic() - t0
+        self._spawn(self.command(port), self.environment(),
+                    hint=f"Set rollout.vllm_python or ${ENV_VLLM_PYTHON} to a Python that has vllm installed "
+                         "(docs/vllm.md)")
+        log.info("vLLM server starting on %s (pid %d, log %s)", self.url, self.pid, self.log_path)
+        self._await_ready(self._healthy, str(self.model_dir), t0, expect=f"answer /health on {self.url}")
         self._set_remote_version()
         log.info("vLLM server healthy on %s after %.1f s", self.url, self.startup_s)
 
@@ -231,65 +192,6 @@ class VLLMServer:
                 return resp.status == 200
         except (urllib.error.URLError, OSError):
             return False
-
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def stop(self) -> None:
-        """Terminate the server's whole process group (SIGTERM, then SIGKILL after a grace period).
-        Safe to call more than once and from a signal handler."""
-        with self._stop_lock:
-            proc, self._proc = self._proc, None
-            self._restore_handlers()
-            atexit.unregister(self.stop)
-            if proc is None:
-                return
-            pgid = proc.pid  # start_new_session: the server leads its own group
-            _signal_group(pgid, signal.SIGTERM)
-            deadline = time.monotonic() + SHUTDOWN_GRACE_S
-            while time.monotonic() < deadline:
-                proc.poll()
-                if proc.returncode is not None and not _group_alive(pgid):
-                    break
-                time.sleep(0.1)
-            else:
-                log.warning("vLLM server group %d did not stop within %.0f s; killing it",
-                            pgid, SHUTDOWN_GRACE_S)
-                _signal_group(pgid, signal.SIGKILL)
-                proc.wait()
-            log.info("vLLM server on port %s stopped", self.port)
-
-    def _install_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread; atexit still applies
-        for sig in PREEMPTION_SIGNALS:
-            self._previous_handlers[sig] = signal.getsignal(sig)
-            signal.signal(sig, self._on_signal)
-
-    def _restore_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig, previous in self._previous_handlers.items():
-            if signal.getsignal(sig) == self._on_signal:  # unless someone replaced ours since
-                signal.signal(sig, previous)
-        self._previous_handlers.clear()
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        previous = self._previous_handlers.get(signum, signal.SIG_DFL)
-        log.warning("signal %d: stopping the vLLM server before passing it on", signum)
-        self.stop()
-        if callable(previous):
-            previous(signum, frame)  # e.g. submitit's checkpoint-and-requeue handler
-        elif previous == signal.SIG_DFL:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.rstrip().splitlines()[-lines:])
 
     # ---------------------------------------------------------------------------------------------
     # HTTP
@@ -382,23 +284,6 @@ class VLLMServer:
         seconds = time.monotonic() - t0
         self.last_sync = ("lora", seconds)
         return seconds
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 __all__ = ["VLLMServer", "free_port", "resolve_vllm_python", "vllm_importable", "model_stop_token_ids",

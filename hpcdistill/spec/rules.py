@@ -17,6 +17,7 @@ import string
 from typing import Any
 
 from hpcdistill.spec.schema import Spec, TrainSpec
+from hpcdistill.spec.teacher_rules import teacher_role_errors
 
 # objective name -> the keys of train it stands for (docs/objectives.md, "Presets")
 LEGACY_OBJECTIVES: dict[str, dict[str, Any]] = {
@@ -164,7 +165,7 @@ def cross_errors(spec: Spec) -> list[tuple[str, str]]:
         errors.append(("rollout.policy_lag", f"keeps the lagged weights by swapping them into the student's "
                        f"parameters, which trainer.strategy = {spec.trainer.strategy!r} shards over ranks; use "
                        "trainer.strategy 'single' or 'deepspeed' with zero_stage 1 or 2, or policy_lag = 0"))
-    errors += benchmark_errors(spec) + nodes_errors(spec) + tracking_errors(spec)
+    errors += benchmark_errors(spec) + nodes_errors(spec) + tracking_errors(spec) + teacher_role_errors(spec)
     return errors
 
 

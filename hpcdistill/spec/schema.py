@@ -106,6 +106,10 @@ class TeacherSpec:
     temperature: float = opt(1.0, ge=0)  # whenever the teacher samples: s' (regen), completions, seeds
     top_p: float = opt(1.0, gt=0, le=1)
     max_new_tokens: int | None = opt(None, ge=1)  # None = rollout.max_new_tokens
+    # What serves the teacher: transformers (in the trainer, or its own process: launch.teacher_process),
+    # or a vLLM server's prompt log-probs on the teacher's GPUs (its own top-k and the sampled token
+    # only: train.topk_support = "teacher"; docs/trainer.md, "The teacher role")
+    backend: Literal["transformers", "vllm"] = "transformers"
 
 
 @dataclass(frozen=True)
@@ -319,6 +323,10 @@ class LaunchSpec:
     # Nodes per run, one Slurm task each: the trainer ranks span them (deepspeed/fsdp); each gets
     # `gpus`, rollout and teacher run on node 0 (docs/trainer.md, "Several nodes")
     nodes: int = opt(1, ge=1)
+    # Where a frozen teacher runs (docs/trainer.md, "The teacher role"): auto = its own process on
+    # the launch.gpus.teacher devices when there are any, else inside the trainer; always = its own
+    # process, on the CPU too; never = inside every trainer rank. Not science: the same scores.
+    teacher_process: Literal["auto", "always", "never"] = "auto"
     container: ContainerSpec | None = None
     pass_env: list[str] = field(default_factory=list)  # variables a task needs, by name
     setup: list[str] = field(default_factory=list)  # shell lines before the task (module load ...)

@@ -16,12 +16,13 @@ import numpy as np
 
 from hpcdistill.distill import contexts
 from hpcdistill.models.chat import render_prompt
-from hpcdistill.models.generation import generate
 from hpcdistill.models.scoring import TokenScores, score_rollouts
+from hpcdistill.models.split_scoring import score_rollouts_split
 from hpcdistill.spec.schema import Spec
 from hpcdistill.tasks import Problem, Task, Verdict, get_task
 from hpcdistill.train.roles import Models, sample_student
 from hpcdistill.train.seeds import SeedStream, step_seed
+from hpcdistill.train.teacher_role import teacher_generate
 
 Seq = tuple[list[int], list[int]]  # (prompt_ids, response_ids)
 
@@ -96,14 +97,12 @@ class Scorer:
     def score(self, models: Models, student_seqs: list[Seq], teacher_seqs: list[Seq], *,
               progress: bool = True, with_token_sets: bool = True) -> list[TokenScores]:
         """scores[i]: student_seqs[i] against teacher_seqs[i], position by position."""
+        rank0_only = models.world_size > 1 and _rank0_teacher(models)
+        if rank0_only:  # a vLLM teacher is rank 0's: it scores the whole batch, every rank gets it
+            return self._rank0_scores(models, student_seqs, teacher_seqs, progress, with_token_sets)
         mine = _score_share(models, len(student_seqs))
-        with models.full_parameters():  # FSDP / ZeRO-3: the decoder body is called directly
-            scores = score_rollouts(models.student, models.teacher, [student_seqs[i] for i in mine],
-                                    [teacher_seqs[i] for i in mine], top_k=self.top_k,
-                                    full_vocab=self.full_vocab, chunk_size=self.chunk_size,
-                                    batch_size=self.batch_size, progress=progress,
-                                    token_sets=self.token_sets if with_token_sets else None, kernels=self.kernels)
-        self.counts["teacher_tokens"] += sum(len(sc) for sc in scores)
+        scores = self._score(models, [student_seqs[i] for i in mine], [teacher_seqs[i] for i in mine], progress,
+                             with_token_sets)
         if models.world_size == 1:
             return scores
         import torch.distributed as dist
@@ -112,6 +111,42 @@ class Scorer:
         dist.all_gather_object(parts, dict(zip(mine, scores)))  # a padding repeat: the same scores
         merged = {i: sc for part in parts for i, sc in part.items()}
         return [merged[i] for i in range(len(student_seqs))]
+
+    def _score(self, models: Models, student_seqs: list[Seq], teacher_seqs: list[Seq], progress: bool,
+               with_token_sets: bool) -> list[TokenScores]:
+        """This process's scores of the sequences given: both models here, or the student here and
+        the teacher role's half over its connection (`models.split_scoring`)."""
+        token_sets = self.token_sets if with_token_sets else None
+        with models.full_parameters():  # FSDP / ZeRO-3: the decoder body is called directly
+            if models.teacher_service is not None:
+                scores = score_rollouts_split(models.student, models.teacher_service, student_seqs, teacher_seqs,
+                                              top_k=self.top_k, chunk_size=self.chunk_size,
+                                              batch_size=self.batch_size, token_sets=token_sets,
+                                              ask_student_topk=getattr(models.teacher_service, "answers_student_ids", True))
+            else:
+                scores = score_rollouts(models.student, models.teacher, student_seqs, teacher_seqs, top_k=self.top_k,
+                                        full_vocab=self.full_vocab, chunk_size=self.chunk_size,
+                                        batch_size=self.batch_size, progress=progress, token_sets=token_sets,
+                                        kernels=self.kernels)
+        self.counts["teacher_tokens"] += sum(len(sc) for sc in scores)
+        return scores
+
+    def _rank0_scores(self, models: Models, student_seqs: list[Seq], teacher_seqs: list[Seq], progress: bool,
+                      with_token_sets: bool) -> list[TokenScores]:
+        import torch.distributed as dist
+
+        out = [self._score(models, student_seqs, teacher_seqs, progress, with_token_sets) if models.is_main
+               else None]
+        dist.broadcast_object_list(out, src=0)
+        return out[0]
+
+
+def _rank0_teacher(models: Models) -> bool:
+    """True when only rank 0 reaches the teacher role (a vLLM teacher)."""
+    service = models.teacher_service
+    if service is None:
+        return models.teacher.model is None
+    return not getattr(service, "every_rank", True)
 
 
 def _score_share(models: Models, n: int) -> list[int]:
@@ -201,7 +236,7 @@ def regenerate(spec: Spec, models: Models, originals: list[ScoredRollout], step:
     ro, tc = spec.rollout, spec.teacher
     regen_prompts = [render_prompt(tok, contexts.regen_messages(o.problem, o.text, o.verdict, tc))
                      for o in originals]
-    regens = generate(models.teacher, regen_prompts, n=1,
+    regens = teacher_generate(models, regen_prompts, n=1,
                       max_new_tokens=tc.max_new_tokens or ro.max_new_tokens,
                       temperature=tc.temperature, top_p=tc.top_p, top_k=ro.top_k,
                       seed=step_seed(spec.seeds[0], step, SeedStream.REGEN), batch_size=ro.batch_size)
@@ -230,7 +265,7 @@ def teacher_generation_prompts(spec: Spec, models: Models, problems: list[Proble
 def teacher_prefixes(spec: Spec, models: Models, problems: list[Problem], step: int, num_tokens: int
                      ) -> list[list[int]]:
     """Teacher seeding (seed 003): the teacher writes the first `num_tokens` of each problem's rollouts."""
-    gens = generate(models.teacher, teacher_generation_prompts(spec, models, problems), n=1,
+    gens = teacher_generate(models, teacher_generation_prompts(spec, models, problems), n=1,
                     max_new_tokens=num_tokens, temperature=spec.teacher.temperature,
                     top_p=spec.teacher.top_p, seed=step_seed(spec.seeds[0], step, SeedStream.PREFIX),
                     batch_size=spec.rollout.batch_size)
@@ -252,7 +287,7 @@ def collect_teacher_completions(spec: Spec, models: Models, problems: list[Probl
     teacher_prompts = teacher_generation_prompts(spec, models, problems)
     student_prompts = [render_prompt(tok, contexts.student_messages(p, ro.system_prompt)) for p in problems]
     t0 = time.monotonic()
-    gens = generate(models.teacher, teacher_prompts, n=ro.samples_per_problem,
+    gens = teacher_generate(models, teacher_prompts, n=ro.samples_per_problem,
                     max_new_tokens=ro.max_new_tokens, temperature=spec.teacher.temperature,
                     top_p=spec.teacher.top_p, seed=step_seed(spec.seeds[0], step, seed_stream),
                     batch_size=ro.batch_size)

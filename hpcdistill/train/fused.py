@@ -61,8 +61,8 @@ def applies(spec: Spec, models, *, device_type: str = "cuda") -> bool:
     if not LossConfig.applies_to(spec.train.objective):
         return False
     trainer = models.trainer
-    if trainer is not None and trainer.shards_parameters:
-        return False
+    if (trainer is not None and trainer.shards_parameters) or models.teacher_service is not None:
+        return False  # the fused loss recomputes the teacher's logits: not with the teacher apart
     config = LossConfig.from_train(spec.train)
     members = teacher_members(models.teacher)
     return (kernel_kind(config, spec.scoring.top_k) is not None and _plain_head(models.student.model)

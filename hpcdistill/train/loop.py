@@ -49,6 +49,7 @@ from hpcdistill.train.roles import (Models, apply_lora, check_parity, current_we
                                     save_model, sync_rollout_weights, teacher_state_files, update_teacher,
                                     weights_checksum)
 from hpcdistill.train.seeds import SeedStream, eval_stream, step_seed
+from hpcdistill.train.teacher_role import teacher_engine
 from hpcdistill.train.tracking import Tracker
 from hpcdistill.train.trainer_base import TrainerConfig
 from hpcdistill.train.trainer_checkpoint import checkpoint_file
@@ -77,7 +78,7 @@ def run_training(spec: Spec, paths: RunPaths, roles: RoleDevices,
     fixed = FixedSet(paths, problems) if spec.scoring.rescore_step0 else None  # seed 000 exp. 3
     verifier, scorer = Verifier.of(spec), Scorer.of(spec, models.student.tokenizer)  # bound once per run
     # rank 0 alone reports each step to `[log]`'s backends (closed, as failed, on an exception too)
-    with rollout_engine(spec, models, paths), \
+    with rollout_engine(spec, models, paths), teacher_engine(spec, models, paths, roles), \
             (Tracker.open(spec, paths, last_done + 1) if models.is_main else nullcontext()) as tracker:
         if last_done >= 0:  # the engine starts on the initial weights: serve the resumed ones
             sync_rollout_weights(spec, paths, models, last_done + 1)
@@ -135,7 +136,7 @@ def train_step(spec: Spec, paths: RunPaths, models: Models, problems: list[Probl
     step_plan = schedules.plan(spec.train, step)
     if models.policy_lag is not None:  # keep w_step: steps step .. step + k sample with it
         models.policy_lag.record(step, models.student.model)
-    scored_before = scorer.counts["teacher_tokens"]
+    scored_before, role_before = scorer.counts["teacher_tokens"], _teacher_role_tokens(models)
     batch = step_problems(spec, problems, step)
     batch, teacher_sampled = split_on_policy(spec, batch, step)
     prefixes = (teacher_prefixes(spec, models, batch, step, step_plan.seed_tokens)
@@ -151,6 +152,8 @@ def train_step(spec: Spec, paths: RunPaths, models: Models, problems: list[Probl
                                               verifier, scorer)
     metrics |= off_metrics
     metrics["scoring/teacher_tokens"] = _over_ranks(models, scorer.counts["teacher_tokens"] - scored_before)
+    if role_before is not None:  # what the teacher role itself counted (every rank's requests; rank 0)
+        metrics["teacher_role/scored_tokens"] = float(_teacher_role_tokens(models) - role_before)
     if teacher_sampled:  # GKD's lambda < 1: the step's on- and off-policy parts by their token shares
         step_plan = token_share_plan(items, off_items)
     if eval_due(spec, step):
@@ -191,6 +194,14 @@ def train_step(spec: Spec, paths: RunPaths, models: Models, problems: list[Probl
                          policy_lag_files(models))  # rank 0 publishes
         sync_rollout_weights(spec, paths, models, step + 1)
     return metrics
+
+
+def _teacher_role_tokens(models: Models) -> int | None:
+    """The tokens the teacher role has scored so far, by its own count (rank 0; None without one)."""
+    service = models.teacher_service
+    if service is None or not models.is_main:
+        return None
+    return int(service.status()["scored_tokens"]) if hasattr(service, "status") else int(service.scored_tokens)
 
 
 def _over_ranks(models: Models, value: float) -> float:

@@ -30,9 +30,11 @@ from hpcdistill.models.parity import check_template_parity
 from hpcdistill.models.teachers import self_teacher
 from hpcdistill.rundir import RunPaths
 from hpcdistill.spec.schema import Spec
+from hpcdistill.spec.teacher_rules import teacher_placement
 from hpcdistill.tasks import Problem, Verdict
 from hpcdistill.train.trainer_checkpoint import checkpoint_file
 from hpcdistill.train.policy_lag import LAG_FILE, behaviour_version
+from hpcdistill.train.teacher_role import remote_teacher_handle
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,9 @@ class Models:
     rollout_server: Any = None  # a VLLMServer when rollout.backend = "vllm" (rank 0 only)
     trainer: Any = None  # the student's `train.distributed.Trainer` while training; None = measurement
     policy_lag: Any = None  # a train.policy_lag.PolicyLag when rollout.policy_lag > 0 (training only)
+    # the teacher role apart from the trainer (train.teacher_role): a TeacherClient or a VLLMTeacher;
+    # then `teacher` is a handle without a model (its tokenizer and stop tokens)
+    teacher_service: Any = None
 
     @property
     def weight_version(self) -> int | None:
@@ -98,6 +103,8 @@ def load_models(spec: Spec, roles: RoleDevices) -> Models:
     or a separate frozen model."""
     device = resolve_device(spec, roles)
     student = _load(spec.model.student, spec, device)
+    if teacher_placement(spec) != "trainer":  # the teacher role loads it (train.teacher_role)
+        return Models(student, remote_teacher_handle(spec, student))
     if spec.model.teacher in ("same", spec.model.student):
         weights = spec.teacher.weights if spec.train.steps > 0 else "live"
         return Models(student, self_teacher(weights, student, mix=spec.teacher.trust_region_mix))

@@ -134,7 +134,7 @@ def initial_reference(spec: Spec, models: Models) -> torch.nn.Module | None:
         return None
     if exopd and train.exopd_reference != "initial":
         return load_reference_model(spec, models, train.exopd_reference)
-    if spec.teacher.weights == "initial" and models.teacher is not models.student:
+    if spec.teacher.weights == "initial" and models.teacher is not models.student and models.teacher.model is not None:
         return models.teacher.model
     return copy.deepcopy(models.student.model).eval()
 

@@ -1,0 +1,182 @@
+"""The teacher role apart from the trainer (issue 18): its own process, and what it refuses.
+
+- `models.split_scoring` (student half here, teacher half there) gives the in-process scores bit
+  for bit (tiny random models, token sets, an empty rollout, a teacher response other than the
+  student's);
+- a run with the teacher in its own process (`launch.teacher_process = "always"`, on the CPU)
+  writes the same shards' token columns as the run with the teacher in process, bit for bit, the
+  teacher sampling the replay buffer's completions there too; the teacher process counts each
+  scored token once (`teacher_role/scored_tokens` = `scoring/teacher_tokens`) and is gone after
+  the run;
+- on the local Slurm, `gpus = { teacher = 1, trainer = 2 }` runs the teacher in its own process
+  beside two DeepSpeed ranks, each token scored once; the teacher killed mid-run fails the run
+  with a message that names it, and `resubmit` resumes to the shards of a run never interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hpcdistill.cli import main
+from hpcdistill.devices import RoleDevices
+from hpcdistill.errors import SpecError
+from hpcdistill.models.loading import tiny_random_model
+from hpcdistill.models.scoring import score_rollouts
+from hpcdistill.models.split_scoring import LocalTeacher, score_rollouts_split
+from hpcdistill.record import ShardReader
+from hpcdistill.rundir import SweepPaths, read_json
+from hpcdistill.spec import expand, load_spec
+from hpcdistill.spec.teacher_rules import teacher_placement
+from hpcdistill.train.loop import run_training
+
+TOKEN_COLUMNS = ("student_lp", "teacher_lp", "topk_kl", "entropy_s", "entropy_t", "student_topk_ids",
+                 "teacher_at_student_topk_lp", "teacher_topk_ids", "teacher_topk_lp", "student_at_teacher_topk_lp")
+
+
+def test_split_scoring_gives_the_in_process_scores_bit_for_bit():
+    student, teacher = tiny_random_model(seed=0), tiny_random_model(seed=1)
+    rng = np.random.default_rng(0)
+    student_seqs = [(list(rng.integers(0, 256, 5)), list(rng.integers(0, 256, n))) for n in (7, 0, 12, 3, 9)]
+    teacher_seqs = [(list(rng.integers(0, 256, 8)), response) for _, response in student_seqs]
+    teacher_seqs[3] = (teacher_seqs[3][0], list(rng.integers(0, 256, 2)))  # a regenerated, shorter response
+    kwargs = dict(top_k=5, chunk_size=4, batch_size=2, token_sets={"backtrack": [1, 5, 9]})
+    local = LocalTeacher(teacher)
+    expected = score_rollouts(student, teacher, student_seqs, teacher_seqs, **kwargs)
+    got = score_rollouts_split(student, local, student_seqs, teacher_seqs, **kwargs)
+    assert local.scored_tokens == sum(len(s) for s in expected) == 7 + 12 + 2 + 9
+    for want, have in zip(expected, got):
+        for field in dataclasses.fields(want):
+            a, b = getattr(want, field.name), getattr(have, field.name)
+            if isinstance(a, dict):
+                assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), field.name
+            elif a is None:
+                assert b is None, field.name
+            else:
+                assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b), field.name
+
+
+BASE = """
+[experiment]
+name = "teacher-role"
+seeds = [0]
+output_dir = "{out}"
+[model]
+student = "tiny-random:0"
+teacher = "{teacher}"
+device = "cpu"
+[task]
+name = "code"
+num_problems = 2
+timeout_s = 2.0
+[rollout]
+samples_per_problem = 2
+max_new_tokens = 6
+batch_size = 2
+[scoring]
+top_k = 4
+{scoring}
+[train]
+steps = {steps}
+lr = 1e-3
+{train}
+[trainer]
+{trainer}
+[launch]
+{launch}
+"""
+
+
+def write_spec(path: Path, *, teacher: str = "tiny-random:1", steps: int = 2, train: str = "", trainer: str = "",
+               launch: str = "", teacher_section: str = "", scoring: str = "") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(BASE.format(out=path.parent / "runs", teacher=teacher, steps=steps, train=train,
+                                trainer=trainer, launch=launch, scoring=scoring) + teacher_section)
+    return path
+
+
+def spec_errors(tmp_path: Path, **kwargs) -> str:
+    with pytest.raises(SpecError) as info:
+        load_spec(write_spec(tmp_path / "bad.toml", **kwargs))
+    return str(info.value)
+
+
+def test_placement_follows_launch_and_a_teacher_apart_refuses_what_it_cannot_serve(tmp_path):
+    def placement(**kwargs):
+        return teacher_placement(load_spec(write_spec(tmp_path / "ok.toml", **kwargs)).spec)
+
+    assert placement() == "trainer"  # no teacher GPUs: in process, as before
+    assert placement(launch='gpus = { teacher = 1 }') == "process"
+    assert placement(launch='teacher_process = "always"') == "process"
+    assert placement(launch='teacher_process = "never"\ngpus = { teacher = 1 }') == "trainer"
+    assert placement(teacher="same", launch='gpus = { teacher = 1 }', teacher_section='[teacher]\nweights = "initial"\n') \
+        == "process"  # the frozen initial student
+    assert "key 'launch.gpus.teacher'" in spec_errors(tmp_path, teacher="same", launch="gpus = { teacher = 1 }")
+    assert "key 'teacher.weights'" in spec_errors(tmp_path, teacher="same", launch='teacher_process = "always"',
+                                                  teacher_section='[teacher]\nweights = "ema"\n')
+    assert "key 'train.support'" in spec_errors(tmp_path, train='support = "full"', launch='teacher_process = "always"')
+    assert "key 'scoring.full_vocab'" in spec_errors(
+        tmp_path, launch='teacher_process = "always"', scoring="full_vocab = true")
+    vllm = '[teacher]\nbackend = "vllm"\n'
+    message = spec_errors(tmp_path, teacher_section=vllm)
+    assert "key 'train.topk_support'" in message and "teacher.backend = 'transformers'" in message
+    assert placement(train='topk_support = "teacher"', teacher_section=vllm) == "vllm"
+    assert "key 'teacher.context'" in spec_errors(tmp_path, train='topk_support = "teacher"',
+                                                  teacher_section=vllm + 'context = "regen"\n')
+    assert "key 'trainer.strategy'" in spec_errors(tmp_path, train='topk_support = "teacher"', teacher_section=vllm,
+                                                   trainer='strategy = "fsdp"\nnproc = 2')
+
+
+def _run(tmp_path: Path, launch: str) -> tuple[Path, dict]:
+    spec = write_spec(tmp_path / "spec.toml", train='method = "replay_buffer"\nreplay_size = 2\nreplay_every = 1', launch=launch)
+    loaded = load_spec(spec)
+    (run,) = expand(loaded)
+    paths = SweepPaths.for_spec(loaded.spec.experiment.output_dir, loaded.spec.experiment.name).run(run.run_id)
+    paths.root.mkdir(parents=True)
+    run_training(run.spec, paths, RoleDevices((), (), ()))
+    return paths.root, {"paths": paths}
+
+
+def shard_tokens(run_dir: Path) -> list[dict[str, np.ndarray]]:
+    out = []
+    for shard in sorted((run_dir / "shards").glob("*.h5")):
+        with ShardReader(shard) as reader:
+            out.append({name: np.concatenate([reader.tokens(i, [name])[name] for i in range(reader.num_rollouts)])
+                        for name in TOKEN_COLUMNS} | {"kind": reader.rollouts()["kind"],
+                                                      "metrics": reader.metrics()})
+    return out
+
+
+def _assert_same_tokens(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b) and a
+    for x, y in zip(a, b):
+        assert list(x["kind"]) == list(y["kind"])
+        for name in TOKEN_COLUMNS:
+            assert np.array_equal(x[name], y[name], equal_nan=True), name
+
+
+@pytest.mark.slow
+def test_teacher_in_its_own_process_writes_the_in_process_shards(tmp_path):
+    inline, _ = _run(tmp_path / "inline", 'teacher_process = "never"')
+    apart, info = _run(tmp_path / "apart", 'teacher_process = "always"')
+    a, b = shard_tokens(inline), shard_tokens(apart)
+    _assert_same_tokens(a, b)
+    assert any("teacher" in set(shard["kind"]) for shard in b)  # the replay buffer's completions, sampled by the teacher process
+    for shard in b:
+        metrics = shard["metrics"]
+        assert metrics["teacher_role/scored_tokens"][1][0] == metrics["scoring/teacher_tokens"][1][0] > 0
+    assert "teacher_role/scored_tokens" not in a[0]["metrics"]
+    log = info["paths"].teacher_log.read_text()
+    scored = [int(n) for n in re.findall(r"scored \d+ sequences, (\d+) tokens", log)]
+    assert sum(scored) == sum(s["metrics"]["scoring/teacher_tokens"][1][0] for s in b)
+    pid = int(re.search(r"teacher\[(\d+)\]", log).group(1))
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # stopped with the run
