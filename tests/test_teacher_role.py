@@ -180,3 +180,65 @@ def test_teacher_in_its_own_process_writes_the_in_process_shards(tmp_path):
     pid = int(re.search(r"teacher\[(\d+)\]", log).group(1))
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # stopped with the run
+
+
+def _slurm_ready() -> bool:
+    import shutil
+
+    if shutil.which("sinfo") is None:
+        return False
+    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    return out.returncode == 0 and any(state in out.stdout for state in ("idle", "mix", "alloc"))
+
+
+def _wait(paths, states: set[str], timeout: float = 420) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = read_json(paths.status) if paths.status.exists() else {}
+        if status.get("state") in states:
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_slurm_teacher_gpu_runs_the_teacher_apart_and_a_killed_teacher_resumes_to_the_same_shards(tmp_path):
+    if not _slurm_ready():
+        subprocess.run(["bash", str(Path(__file__).resolve().parents[1] / "scripts" / "local-slurm.sh"), "start"],
+                       check=True)
+    trainer = 'strategy = "deepspeed"\nzero_stage = 2'
+    common = 'executor = "slurm"\ntime = "00:15:00"\ncpus_per_task = 2\n'
+    sweeps = {}
+    for label, launch in (("straight", common + 'teacher_process = "never"\ngpus = { trainer = 2 }'),
+                          ("apart", common + "gpus = { teacher = 1, trainer = 2 }")):
+        spec = write_spec(tmp_path / label / "spec.toml", steps=4, trainer=trainer, launch=launch)
+        assert main(["submit", str(spec), "--no-analyze"]) == 0
+        sweeps[label] = SweepPaths.for_spec(tmp_path / label / "runs", "teacher-role")
+    (paths,) = sweeps["apart"].run_dirs()
+    deadline = time.monotonic() + 420
+    while not paths.shard(1).exists():
+        state = read_json(paths.status).get("state") if paths.status.exists() else None
+        assert time.monotonic() < deadline and state != "failed", state
+        time.sleep(0.2)
+    pid = int(re.search(r"teacher\[(\d+)\]", paths.teacher_log.read_text()).group(1))
+    os.kill(pid, signal.SIGKILL)  # the teacher dies mid-run
+    status = _wait(paths, {"failed", "completed"})
+    assert status["state"] == "failed", status
+    assert "teacher process" in status["error"] and "resubmit" in status["error"], status["error"]
+    assert status["roles"] == {"rollout": [], "teacher": ["0"], "trainer": ["1", "2"]}
+    assert main(["resubmit", str(sweeps["apart"].root)]) == 0
+    deadline = time.monotonic() + 120
+    while read_json(paths.status).get("state") == "failed":  # until the resubmitted task starts
+        assert time.monotonic() < deadline, read_json(paths.status)
+        time.sleep(0.5)
+    assert _wait(paths, {"completed", "failed"})["state"] == "completed", read_json(paths.status)
+    (straight,) = sweeps["straight"].run_dirs()
+    assert _wait(straight, {"completed", "failed"})["state"] == "completed", read_json(straight.status)
+    a, b = shard_tokens(straight.root), shard_tokens(paths.root)
+    assert len(b) == 5
+    _assert_same_tokens(a, b)
+    for shard in b:  # two ranks, each token scored once by the teacher process
+        metrics = shard["metrics"]
+        assert metrics["teacher_role/scored_tokens"][1][0] == metrics["scoring/teacher_tokens"][1][0] > 0
+    assert len(re.findall(r"listening on", paths.teacher_log.read_text())) == 2  # the resumed task's teacher
