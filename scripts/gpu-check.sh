@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 17's checks on a machine with one NVIDIA GPU, offline, in under 8 minutes: the fused-kernel
 # tests, issue 10's scoring and loss benchmarks, bench/train_memory.py on CUDA and one bf16
-# training step of the bundled model through `hpcdistill submit --executor local`. Each step runs
+# training step of the bundled model through `hpcdistill submit --executor local`; issue 18's
+# teacher role in its own process (on its own GPU when there are two). Each step runs
 # under its own `timeout` (and the whole script under GPU_CHECK_BUDGET_S, default 450 s); a failing
 # step does not stop the next; one PASS/FAIL/TIMEOUT/SKIP table with the seconds of each at the end.
 #
@@ -49,9 +50,12 @@ step() {
 }
 
 # One training step (+ the final measurement step) of the bundled model, written as a spec here;
-# passes when every run of the sweep ended "completed".
+# passes when every run of the sweep ended "completed". Arguments: a folder name, then `--set
+# KEY=VALUE` overrides (teacher_step: the teacher role in its own process).
 train_step() {
-  local dir="$RESULTS/train-step" device=cuda dtype=bfloat16 tokens=32
+  local name=${1:-train-step}
+  local dir="$RESULTS/$name" device=cuda dtype=bfloat16 tokens=32
+  (($#)) && shift
   ((DRY)) && device=cpu dtype=float32 tokens=8
   rm -rf "$dir" && mkdir -p "$dir"
   cat >"$dir/spec.toml" <<EOF
@@ -82,17 +86,33 @@ kernels = "auto"
 [launch]
 executor = "local"
 EOF
-  "$PY" -m hpcdistill.cli submit "$dir/spec.toml" --executor local --no-analyze || return
+  "$PY" -m hpcdistill.cli submit "$dir/spec.toml" --executor local --no-analyze "$@" || return
   "$PY" -m hpcdistill.cli status "$dir/runs/gpu-check" --json >"$dir/status.json" || return
   "$PY" -c 'import json, sys
 runs = json.load(open(sys.argv[1]))
 print("run states:", {r["run_id"]: r["state"] for r in runs})
 sys.exit(0 if runs and all(r["state"] == "completed" for r in runs) else 1)' "$dir/status.json" || return
+  [[ $name == train-step ]] || return 0
   ((DRY)) && return  # the CPU takes the torch path
   grep -rh "through the fused Triton loss" "$dir/runs/gpu-check" --include=worker.log \
     || { echo "the step did not take the fused Triton loss"; return 1; }
 }
-export -f train_step
+
+# The teacher role apart (issue 18): a frozen teacher (the initial student) in its own process. Two
+# or more GPUs: teacher and trainer each on their own (launch.gpus); one GPU: the trainer on it and
+# the teacher process on the CPU (launch.teacher_process = "always"). Passes when the run completed
+# and the teacher process logged its scoring.
+teacher_step() {
+  local n gpus
+  n=$(nvidia-smi -L 2>/dev/null | wc -l)
+  if ((DRY)) || ((n < 2)); then gpus=(--set 'launch.teacher_process="always"')
+  else gpus=(--set 'launch.gpus={ teacher = 1, trainer = 1 }' --set 'model.device="auto"'); fi
+  train_step teacher-step --set 'teacher.weights="initial"' "${gpus[@]}" || return
+  grep -rh "scored .* tokens" "$RESULTS/teacher-step/runs/gpu-check" --include=teacher.log | tail -n 3 | grep . \
+    || { echo "the teacher process scored nothing"; return 1; }
+  grep -rh "loaded on" "$RESULTS/teacher-step/runs/gpu-check" --include=teacher.log
+}
+export -f train_step teacher_step
 export PY RESULTS DRY
 
 if ((DRY)); then
@@ -124,12 +144,14 @@ if ((DRY)); then
   step gpu-loss 60 "$PY" bench/gpu_loss.py --cpu-smoke
   step train-memory 180 "$PY" bench/train_memory.py --tokens 128 256 --response 128 --repeats 1 --max-memory-gb 4
   step train-step 300 bash -c train_step
+  step teacher-step 300 bash -c teacher_step
 else
   step gpu-scoring 90 "$PY" bench/gpu_scoring.py
   naive=(); ((${gpu_mib:-0} < 49152)) && naive=(--skip-naive)  # the naive row needs ~30 GiB
   step gpu-loss 60 "$PY" bench/gpu_loss.py "${naive[@]}"
   step train-memory 180 "$PY" bench/train_memory.py --cuda --repeats 3
   step train-step 150 bash -c train_step
+  step teacher-step 150 bash -c teacher_step
 fi
 
 echo
