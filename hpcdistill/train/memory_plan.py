@@ -18,6 +18,7 @@ from pathlib import Path
 
 from hpcdistill.errors import UserError
 from hpcdistill.spec.schema import Spec
+from hpcdistill.spec.teacher_rules import teacher_placement
 from hpcdistill.train.microbatch import MicroBatch, plan_micro_batches
 from hpcdistill.train.trainer_base import shard_indices
 
@@ -100,8 +101,8 @@ def _bytes(spec: Spec) -> int:
 
 
 def _state_gb(spec: Spec, student: ModelShape, teacher: ModelShape | None, ranks: int) -> dict[str, float]:
-    """Weights, gradients and AdamW state of the student, and the teacher's weights (loaded in every
-    trainer rank until the teacher has its own role), per GPU."""
+    """Weights, gradients and AdamW state of the student, and the teacher's weights where the
+    teacher runs inside every trainer rank (not when it has its own role: `teacher_placement`), per GPU."""
     b, p = _bytes(spec), student.params
     strategy, stage = spec.trainer.strategy, spec.trainer.zero_stage
     if strategy == "deepspeed":  # fp32 master weights and moments, partitioned from stage 1
@@ -112,7 +113,7 @@ def _state_gb(spec: Spec, student: ModelShape, teacher: ModelShape | None, ranks
     else:  # torch AdamW keeps its moments in the parameters' dtype
         weights, grads, optimizer = p * b, p * b, 2 * p * b
     out = {"weights": weights / GB, "gradients": grads / GB, "optimizer": optimizer / GB}
-    if teacher is not None:
+    if teacher is not None and teacher_placement(spec) == "trainer":
         out["teacher weights"] = teacher.params * b / GB
     return out
 
