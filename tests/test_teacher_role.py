@@ -242,3 +242,43 @@ def test_slurm_teacher_gpu_runs_the_teacher_apart_and_a_killed_teacher_resumes_t
         metrics = shard["metrics"]
         assert metrics["teacher_role/scored_tokens"][1][0] == metrics["scoring/teacher_tokens"][1][0] > 0
     assert len(re.findall(r"listening on", paths.teacher_log.read_text())) == 2  # the resumed task's teacher
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_a_vllm_teacher_scores_a_training_run_like_the_teacher_in_process(tmp_path):
+    """teacher.backend = "vllm" (the frozen initial student, on vLLM's CPU server) against the same
+    run with the teacher in process: the teacher's own log-probs and top-k within vLLM's float
+    tolerance, the columns it cannot serve NaN, and the update trained on the teacher's top-k."""
+    from hpcdistill.models.vllm_server import resolve_vllm_python, vllm_importable
+
+    if not vllm_importable(resolve_vllm_python("python3")):
+        pytest.skip("no vLLM python (set HPCDISTILL_VLLM_PYTHON; docs/vllm.md)")
+    runs = {}
+    for label, section in (("inline", '[teacher]\nweights = "initial"\n'),
+                           ("vllm", '[teacher]\nweights = "initial"\nbackend = "vllm"\n')):
+        spec = write_spec(tmp_path / label / "spec.toml", teacher="same", steps=1, train='topk_support = "teacher"',
+                          teacher_section=section)
+        text = spec.read_text().replace('student = "tiny-random:0"', 'student = "bundled:smollm2-135m-instruct"')
+        spec.write_text(text)
+        loaded = load_spec(spec)
+        (run,) = expand(loaded)
+        paths = SweepPaths.for_spec(loaded.spec.experiment.output_dir, "teacher-role").run(run.run_id)
+        paths.root.mkdir(parents=True)
+        run_training(run.spec, paths, RoleDevices((), (), ()))
+        runs[label] = (shard_tokens(paths.root), paths)
+    (a, _), (b, paths) = runs["inline"], runs["vllm"]
+    step0_a, step0_b = a[0], b[0]
+    assert np.array_equal(step0_a["student_lp"], step0_b["student_lp"])  # the same rollouts, scored here
+    assert np.array_equal(step0_a["teacher_topk_ids"][:, 0], step0_b["teacher_topk_ids"][:, 0])
+    np.testing.assert_allclose(step0_b["teacher_topk_lp"], step0_a["teacher_topk_lp"], atol=1e-3)
+    np.testing.assert_allclose(step0_b["teacher_lp"], step0_a["teacher_lp"], atol=1e-3)  # r = s: its own token
+    assert np.isnan(step0_b["entropy_t"]).all()
+    served = ~np.isnan(step0_b["teacher_at_student_topk_lp"])  # the student's ids among those vLLM returned
+    np.testing.assert_allclose(step0_b["teacher_at_student_topk_lp"][served],
+                               step0_a["teacher_at_student_topk_lp"][served], atol=1e-3)
+    whole = served.all(-1)  # the top-k KL where every id of the student's top-k was served, NaN elsewhere
+    assert np.isnan(step0_b["topk_kl"][~whole]).all() and (~whole).any()
+    np.testing.assert_allclose(step0_b["topk_kl"][whole], step0_a["topk_kl"][whole], atol=1e-3)
+    assert step0_b["metrics"]["teacher_role/scored_tokens"][1][0] == step0_b["metrics"]["scoring/teacher_tokens"][1][0]
+    assert np.isfinite(step0_b["metrics"]["train/loss_total"][1][0])
