@@ -154,16 +154,8 @@ def score_rollouts(student: ModelHandle, teacher: ModelHandle, student_seqs: lis
     """
     if kernels not in ("torch", "auto", "triton"):
         raise ValueError(f"kernels must be 'torch', 'auto' or 'triton', got {kernels!r}")
-    if len(student_seqs) != len(teacher_seqs):
-        raise ValueError(f"{len(student_seqs)} student sequences but {len(teacher_seqs)} teacher sequences")
-    for side, seqs in (("student", student_seqs), ("teacher", teacher_seqs)):
-        if any(len(p) == 0 for p, _ in seqs):
-            raise ValueError(f"a {side} prompt is empty; scoring needs at least one prompt token")
-    if student.vocab_size != teacher.vocab_size:
-        raise ValueError(f"student vocab {student.vocab_size} != teacher vocab {teacher.vocab_size}: "
-                         "top-k ids are only comparable within one vocabulary")
+    lengths = aligned_lengths(student_seqs, teacher_seqs, student.vocab_size, teacher.vocab_size)
     k = min(top_k, student.vocab_size)
-    lengths = [min(len(s[1]), len(t[1])) for s, t in zip(student_seqs, teacher_seqs)]
     results: list[TokenScores | None] = [None] * len(student_seqs)
     show = progress and sys.stderr.isatty()
     with tqdm(total=sum(lengths), desc="scoring", unit="tok", disable=not show) as bar:
@@ -196,6 +188,21 @@ def score_rollouts(student: ModelHandle, teacher: ModelHandle, student_seqs: lis
 
 
 _FIELDS = {f.name for f in dataclasses.fields(TokenScores)}
+
+
+def aligned_lengths(student_seqs: list[Seq], teacher_seqs: list[Seq], student_vocab: int,
+                    teacher_vocab: int) -> list[int]:
+    """T_i = min(len(s_i), len(r_i)) of each pair, after the checks every scorer makes: as many
+    teacher sequences as student ones, no empty prompt, one vocabulary."""
+    if len(student_seqs) != len(teacher_seqs):
+        raise ValueError(f"{len(student_seqs)} student sequences but {len(teacher_seqs)} teacher sequences")
+    for side, seqs in (("student", student_seqs), ("teacher", teacher_seqs)):
+        if any(len(p) == 0 for p, _ in seqs):
+            raise ValueError(f"a {side} prompt is empty; scoring needs at least one prompt token")
+    if student_vocab != teacher_vocab:
+        raise ValueError(f"student vocab {student_vocab} != teacher vocab {teacher_vocab}: "
+                         "top-k ids are only comparable within one vocabulary")
+    return [min(len(s[1]), len(t[1])) for s, t in zip(student_seqs, teacher_seqs)]
 
 
 def topk_overlap(ids_a: torch.Tensor, ids_b: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,8 @@ import torch
 
 from hpcdistill.distill.divergence import entropy_from_logprobs, log_softmax_fp32, slice_kl
 from hpcdistill.models.loading import ModelHandle
-from hpcdistill.models.scoring import TeacherLogits, TokenScores, _empty, _topk_fields, project, response_hidden
+from hpcdistill.models.scoring import (TeacherLogits, TokenScores, _empty, _topk_fields, aligned_lengths, project,
+                                       response_hidden)
 
 Seq = tuple[list[int], list[int]]  # (prompt_ids, response_ids)
 
@@ -113,16 +114,8 @@ def score_rollouts_split(student: ModelHandle, teacher: TeacherService, student_
     """`score_rollouts`' fields with the teacher behind `teacher` (module docstring).
     `ask_student_topk=False`: the teacher is not asked at the student's top-k ids (a vLLM teacher
     cannot be): those columns and the top-k KL are NaN."""
-    if len(student_seqs) != len(teacher_seqs):
-        raise ValueError(f"{len(student_seqs)} student sequences but {len(teacher_seqs)} teacher sequences")
-    for side, seqs in (("student", student_seqs), ("teacher", teacher_seqs)):
-        if any(len(p) == 0 for p, _ in seqs):
-            raise ValueError(f"a {side} prompt is empty; scoring needs at least one prompt token")
-    if student.vocab_size != teacher.vocab_size:
-        raise ValueError(f"student vocab {student.vocab_size} != teacher vocab {teacher.vocab_size}: "
-                         "top-k ids are only comparable within one vocabulary")
+    lengths = aligned_lengths(student_seqs, teacher_seqs, student.vocab_size, teacher.vocab_size)
     k = min(top_k, student.vocab_size)
-    lengths = [min(len(s[1]), len(t[1])) for s, t in zip(student_seqs, teacher_seqs)]
     results: list[TokenScores] = []
     for start in range(0, len(student_seqs), batch_size):
         batch = range(start, min(start + batch_size, len(student_seqs)))
