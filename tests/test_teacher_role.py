@@ -37,6 +37,7 @@ from hpcdistill.rundir import SweepPaths, read_json
 from hpcdistill.spec import expand, load_spec
 from hpcdistill.spec.teacher_rules import teacher_placement
 from hpcdistill.train.loop import run_training
+from vllmfixtures import require_vllm
 
 TOKEN_COLUMNS = ("student_lp", "teacher_lp", "topk_kl", "entropy_s", "entropy_t", "student_topk_ids",
                  "teacher_at_student_topk_lp", "teacher_topk_ids", "teacher_topk_lp", "student_at_teacher_topk_lp")
@@ -250,10 +251,7 @@ def test_a_vllm_teacher_scores_a_training_run_like_the_teacher_in_process(tmp_pa
     """teacher.backend = "vllm" (the frozen initial student, on vLLM's CPU server) against the same
     run with the teacher in process: the teacher's own log-probs and top-k within vLLM's float
     tolerance, the columns it cannot serve NaN, and the update trained on the teacher's top-k."""
-    from hpcdistill.models.vllm_server import resolve_vllm_python, vllm_importable
-
-    if not vllm_importable(resolve_vllm_python("python3")):
-        pytest.skip("no vLLM python (set HPCDISTILL_VLLM_PYTHON; docs/vllm.md)")
+    require_vllm()
     runs = {}
     for label, section in (("inline", '[teacher]\nweights = "initial"\n'),
                            ("vllm", '[teacher]\nweights = "initial"\nbackend = "vllm"\n')):

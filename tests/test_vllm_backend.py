@@ -23,37 +23,17 @@ import torch
 
 from hpcdistill.errors import ModelError
 from hpcdistill.models.generation import sampling_logprobs
-from hpcdistill.models.loading import bundled_gguf_path, converted_gguf_dir, load_model
-from hpcdistill.models.vllm_backend import VLLMServer, generate_vllm, resolve_vllm_python
+from hpcdistill.models.loading import load_model
+from hpcdistill.models.vllm_backend import VLLMServer, generate_vllm
 from hpcdistill.models.child_process import _group_alive
-from hpcdistill.models.vllm_server import free_port, vllm_importable
+from hpcdistill.models.vllm_server import free_port
+from vllmfixtures import QUESTIONS, handle, model_dir, vllm_python  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
-BUNDLED = "bundled:smollm2-135m-instruct"
 # Measured on this machine: max |vLLM - transformers| over sampled tokens is about 4e-5 nats
 # (float32 on both sides, different kernels). 1e-3 leaves room for other CPUs and batch shapes.
 LP_TOL = 1e-3
-QUESTIONS = ["What is 2+2?", "Name a color.", "Write a haiku about the sea."]
-
-
-@pytest.fixture(scope="module")
-def vllm_python() -> str:
-    python = resolve_vllm_python("python3")
-    if not vllm_importable(python):
-        pytest.skip(f"no vLLM python: {python!r} cannot import vllm (set HPCDISTILL_VLLM_PYTHON, "
-                    "e.g. to .venv-vllm/bin/python; docs/vllm.md)")
-    return python
-
-
-@pytest.fixture(scope="module")
-def model_dir() -> Path:
-    return converted_gguf_dir(bundled_gguf_path("smollm2-135m-instruct"), "smollm2-135m-instruct")
-
-
-@pytest.fixture(scope="module")
-def handle():
-    return load_model(BUNDLED)
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ import pytest
 
 from hpcdistill.rundir import SweepPaths, read_json
 from hpcdistill.launch.submit import submit
-from hpcdistill.models.vllm_server import resolve_vllm_python, vllm_importable
 from hpcdistill.record import ShardReader
 from hpcdistill.spec import load_spec
+from vllmfixtures import vllm_python  # noqa: F401  (a fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -52,14 +52,6 @@ lr = 1e-3
 [launch]
 cpus_per_task = 2
 """
-
-
-@pytest.fixture(scope="module")
-def vllm_python():
-    python = resolve_vllm_python("python3")
-    if not vllm_importable(python):
-        pytest.skip("no vLLM python: set HPCDISTILL_VLLM_PYTHON (scripts/setup.sh --with-cluster-tools)")
-    return python
 
 
 def test_rollouts_after_a_step_come_from_the_updated_weights(vllm_python, tmp_path):

@@ -7,43 +7,19 @@ module is skipped when neither can import vllm.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from hpcdistill.models.chat import render_prompt
-from hpcdistill.models.loading import bundled_gguf_path, converted_gguf_dir, load_model
 from hpcdistill.models.split_scoring import TEACHER_FIELDS, TeacherRequest, teacher_columns
-from hpcdistill.models.vllm_server import resolve_vllm_python, vllm_importable
 from hpcdistill.models.vllm_teacher import VLLMTeacher, columns_from_positions, position_logprobs, \
     start_vllm_teacher
+from vllmfixtures import QUESTIONS, handle, model_dir, vllm_python  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
-BUNDLED = "bundled:smollm2-135m-instruct"
 LP_TOL = 1e-3  # float32 on both sides, different kernels (test_vllm_backend measured ~4e-5)
 K = 8
-QUESTIONS = ["What is 2+2?", "Name a color.", "Write a haiku about the sea."]
-
-
-@pytest.fixture(scope="module")
-def vllm_python() -> str:
-    python = resolve_vllm_python("python3")
-    if not vllm_importable(python):
-        pytest.skip(f"no vLLM python: {python!r} cannot import vllm (set HPCDISTILL_VLLM_PYTHON, "
-                    "e.g. to .venv-vllm/bin/python; docs/vllm.md)")
-    return python
-
-
-@pytest.fixture(scope="module")
-def model_dir() -> Path:
-    return converted_gguf_dir(bundled_gguf_path("smollm2-135m-instruct"), "smollm2-135m-instruct")
-
-
-@pytest.fixture(scope="module")
-def handle():
-    return load_model(BUNDLED)
 
 
 @pytest.fixture(scope="module")
