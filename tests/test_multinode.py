@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from hpcdistill.errors import LaunchError, SpecError
+from hpcdistill.record import ShardReader
 from hpcdistill.spec import load_spec
 from hpcdistill.train.trainer_processes import NodeRendezvous, first_host, rendezvous_port, torchrun_args
 from test_distributed import LOSS_RTOL, _assert_same_weights, _ranks, _result, initial  # noqa: F401 (fixture)
@@ -181,6 +183,7 @@ batch_size = 2
 [teacher]
 context = "system_prompt"
 system_prompt = "Think step by step."
+weights = "initial"
 [scoring]
 top_k = 8
 [train]
@@ -194,12 +197,14 @@ nproc = 1
 executor = "slurm"
 nodes = 2
 cpus_per_task = 1
+teacher_process = "always"
 """
 
 
 @pytest.mark.slow
 def test_the_workers_of_two_nodes_run_one_run_and_only_node_0_records_it(tmp_path):
-    """`python -m hpcdistill.worker RUN_DIR` in each node's task, as submitit's srun starts it."""
+    """`python -m hpcdistill.worker RUN_DIR` in each node's task, as submitit's srun starts it; the
+    teacher in its own process on node 0, which node 1's rank reaches at the rendezvous host."""
     from hpcdistill.launch.submit import prepare_run_dir
     from hpcdistill.rundir import SweepPaths, read_json
     from hpcdistill.spec import expand
@@ -230,6 +235,16 @@ def test_the_workers_of_two_nodes_run_one_run_and_only_node_0_records_it(tmp_pat
     log = paths.log.read_text().splitlines()
     assert any(" rank0: " in line for line in log)  # rank 0 (node 0's) speaks for the ranks
     assert not [line for line in log if " rank1:" in line and " INFO " in line]
+    teacher_log = paths.teacher_log.read_text()
+    assert "listening on 0.0.0.0:" in teacher_log  # several nodes: every interface, not loopback only
+    scored = sum(int(n) for n in re.findall(r"scored \d+ sequences, (\d+) tokens", teacher_log))
+    counted = 0
+    for shard in sorted(paths.shards.glob("*.h5")):
+        with ShardReader(shard) as reader:
+            metrics = reader.metrics()
+        assert metrics["teacher_role/scored_tokens"][1][0] == metrics["scoring/teacher_tokens"][1][0] > 0
+        counted += metrics["scoring/teacher_tokens"][1][0]
+    assert scored == counted  # both ranks' shares, each token once
 
 
 def _node_task(out: Path) -> int:

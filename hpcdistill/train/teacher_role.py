@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 from typing import Any
 
@@ -83,7 +84,7 @@ def _teacher_process(spec: Spec, models, paths: RunPaths, roles: RoleDevices):
                                    enable_thinking=spec.model.enable_thinking, log_path=paths.teacher_log,
                                    host="0.0.0.0" if several_nodes else "127.0.0.1", env=roles.env("teacher"))
             stack.enter_context(server)
-        address, authkey = _share(models, (socket.gethostname() if several_nodes else "127.0.0.1",
+        address, authkey = _share(models, (_node0_address() if several_nodes else "127.0.0.1",
                                            server.port if server else None), server.authkey if server else None)
         client = stack.enter_context(TeacherClient(address, authkey, server=server, log_path=paths.teacher_log))
         log.info("rank %d scores through the teacher process at %s:%d", _rank(models), *address)
@@ -118,6 +119,13 @@ def vllm_model_source(model_id: str) -> str:
         gguf = Path(model_id).expanduser().resolve()
         return str(converted_gguf_dir(gguf, gguf.stem))
     return model_id
+
+
+def _node0_address() -> str:
+    """Where the other nodes' ranks reach node 0: the rendezvous host torchrun gave every worker
+    (MASTER_ADDR, the first host of the job's node list, which they have already reached), else
+    this host's name."""
+    return os.environ.get("MASTER_ADDR") or socket.gethostname()
 
 
 def _rank(models) -> int:
