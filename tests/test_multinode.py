@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -21,10 +20,10 @@ from pathlib import Path
 import pytest
 
 from hpcdistill.errors import LaunchError, SpecError
-from hpcdistill.record import ShardReader
 from hpcdistill.spec import load_spec
 from hpcdistill.train.trainer_processes import NodeRendezvous, first_host, rendezvous_port, torchrun_args
 from test_distributed import LOSS_RTOL, _assert_same_weights, _ranks, _result, initial  # noqa: F401 (fixture)
+from test_teacher_role import scored_once, shard_tokens, teacher_log_tokens
 
 SLURM = {"SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[007-008]"}
 
@@ -237,14 +236,7 @@ def test_the_workers_of_two_nodes_run_one_run_and_only_node_0_records_it(tmp_pat
     assert not [line for line in log if " rank1:" in line and " INFO " in line]
     teacher_log = paths.teacher_log.read_text()
     assert "listening on 0.0.0.0:" in teacher_log  # several nodes: every interface, not loopback only
-    scored = sum(int(n) for n in re.findall(r"scored \d+ sequences, (\d+) tokens", teacher_log))
-    counted = 0
-    for shard in sorted(paths.shards.glob("*.h5")):
-        with ShardReader(shard) as reader:
-            metrics = reader.metrics()
-        assert metrics["teacher_role/scored_tokens"][1][0] == metrics["scoring/teacher_tokens"][1][0] > 0
-        counted += metrics["scoring/teacher_tokens"][1][0]
-    assert scored == counted  # both ranks' shares, each token once
+    assert teacher_log_tokens(teacher_log) == scored_once(shard_tokens(paths.root))  # both ranks' shares, each once
 
 
 def _node_task(out: Path) -> int:

@@ -156,6 +156,20 @@ def shard_tokens(run_dir: Path) -> list[dict[str, np.ndarray]]:
     return out
 
 
+def scored_once(shards: list[dict]) -> int:
+    """The trainer ranks' scored tokens over `shard_tokens`' shards, each asserted equal to the
+    teacher process's own count for its step (every token scored once)."""
+    for shard in shards:
+        metrics = shard["metrics"]
+        assert metrics["teacher_role/scored_tokens"][1][0] == metrics["scoring/teacher_tokens"][1][0] > 0
+    return sum(shard["metrics"]["scoring/teacher_tokens"][1][0] for shard in shards)
+
+
+def teacher_log_tokens(log: str) -> int:
+    """The tokens the teacher process says it scored, over its log's "scored ..." lines."""
+    return sum(int(n) for n in re.findall(r"scored \d+ sequences, (\d+) tokens", log))
+
+
 def _assert_same_tokens(a: list[dict], b: list[dict]) -> None:
     assert len(a) == len(b) and a
     for x, y in zip(a, b):
@@ -171,13 +185,10 @@ def test_teacher_in_its_own_process_writes_the_in_process_shards(tmp_path):
     a, b = shard_tokens(inline), shard_tokens(apart)
     _assert_same_tokens(a, b)
     assert any("teacher" in set(shard["kind"]) for shard in b)  # the replay buffer's completions, sampled by the teacher process
-    for shard in b:
-        metrics = shard["metrics"]
-        assert metrics["teacher_role/scored_tokens"][1][0] == metrics["scoring/teacher_tokens"][1][0] > 0
+    counted = scored_once(b)
     assert "teacher_role/scored_tokens" not in a[0]["metrics"]
     log = info["paths"].teacher_log.read_text()
-    scored = [int(n) for n in re.findall(r"scored \d+ sequences, (\d+) tokens", log)]
-    assert sum(scored) == sum(s["metrics"]["scoring/teacher_tokens"][1][0] for s in b)
+    assert teacher_log_tokens(log) == counted
     pid = int(re.search(r"teacher\[(\d+)\]", log).group(1))
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # stopped with the run
@@ -239,9 +250,7 @@ def test_slurm_teacher_gpu_runs_the_teacher_apart_and_a_killed_teacher_resumes_t
     a, b = shard_tokens(straight.root), shard_tokens(paths.root)
     assert len(b) == 5
     _assert_same_tokens(a, b)
-    for shard in b:  # two ranks, each token scored once by the teacher process
-        metrics = shard["metrics"]
-        assert metrics["teacher_role/scored_tokens"][1][0] == metrics["scoring/teacher_tokens"][1][0] > 0
+    scored_once(b)  # two ranks, each token scored once by the teacher process
     assert len(re.findall(r"listening on", paths.teacher_log.read_text())) == 2  # the resumed task's teacher
 
 
